@@ -1,0 +1,31 @@
+// CPU loops of the fused pieces. Each takes a params struct and a half-open range of
+// rows (samples), so the glue can split the batch over threads with at::parallel_for
+// while the loops themselves stay torch-free. Rows are independent: results do not
+// depend on how the range is split.
+#pragma once
+
+#include "../kernels/params.h"
+
+namespace pyflat {
+namespace cpu {
+
+template <typename T>
+void activation_forward(const ActivationForwardParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void activation_backward(const ActivationBackwardParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void activation_tangent(const ActivationTangentParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void activation_delta(const ActivationDeltaParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void softmax_cross_entropy(const SoftmaxCrossEntropyParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void softmax_hessian(const SoftmaxHessianParams<T>& p, int64_t begin, int64_t end);
+
+}  // namespace cpu
+}  // namespace pyflat

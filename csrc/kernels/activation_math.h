@@ -1,0 +1,157 @@
+// Per-element math of the activations, shared by the CPU loops and (later) the CUDA
+// kernels. Torch-free: plain scalars only.
+//
+// For each activation s we need the value s(z), the first derivative s'(z) (tangents
+// forward, deltas backward) and the second derivative s''(z) (the exact Hessian's
+// curvature term). Branch conventions at kinks follow PyTorch's own kernels, so the
+// autograd reference and pyflat agree even at z = 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PYFLAT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PYFLAT_HOST_DEVICE inline
+#endif
+
+namespace pyflat {
+
+enum class Activation : int32_t {
+  Identity = 0,
+  ReLU,
+  LeakyReLU,  // param0: negative_slope
+  Tanh,
+  Sigmoid,
+  GeluErf,
+  GeluTanh,
+  Softplus,   // param0: beta, param1: threshold
+  ELU,        // param0: alpha
+  SiLU,
+};
+
+// s' is the constant 1: tangents and deltas pass through unchanged.
+PYFLAT_HOST_DEVICE bool activation_is_identity(Activation kind) {
+  return kind == Activation::Identity;
+}
+
+// s'' vanishes almost everywhere: no curvature term in the exact Hessian.
+PYFLAT_HOST_DEVICE bool activation_has_curvature(Activation kind) {
+  return !(kind == Activation::Identity || kind == Activation::ReLU ||
+           kind == Activation::LeakyReLU);
+}
+
+template <typename T>
+struct ActivationValue {
+  T value;
+  T first;   // s'(z)
+  T second;  // s''(z)
+};
+
+// Logistic sigmoid and its derivative without overflow or cancellation:
+// with e = exp(-|z|), sigma(z) = 1/(1+e) for z >= 0 and e/(1+e) otherwise, and
+// sigma'(z) = e/(1+e)^2, which never forms 1 - sigma (lost in float32 once |z| > 17).
+template <typename T>
+PYFLAT_HOST_DEVICE void sigmoid_parts(T z, T& sigma, T& sigma_prime) {
+  const T e = exp(-fabs(z));
+  const T inv = T(1) / (T(1) + e);
+  sigma = z >= T(0) ? inv : e * inv;
+  sigma_prime = e * inv * inv;
+}
+
+template <typename T>
+PYFLAT_HOST_DEVICE ActivationValue<T> activation_eval(Activation kind, T z, T param0,
+                                                       T param1) {
+  ActivationValue<T> out{z, T(1), T(0)};
+  switch (kind) {
+    case Activation::Identity:
+      break;
+    case Activation::ReLU:
+      // PyTorch: d relu = (relu(z) > 0), so the derivative at 0 is 0.
+      out.value = z > T(0) ? z : T(0);
+      out.first = z > T(0) ? T(1) : T(0);
+      break;
+    case Activation::LeakyReLU:
+      out.value = z > T(0) ? z : z * param0;
+      out.first = z > T(0) ? T(1) : param0;
+      break;
+    case Activation::Tanh: {
+      // 1 - tanh^2 = 4e/(1+e)^2 with e = exp(-2|z|): no cancellation near saturation.
+      const T t = tanh(z);
+      const T e = exp(T(-2) * fabs(z));
+      const T sech2 = T(4) * e / ((T(1) + e) * (T(1) + e));
+      out.value = t;
+      out.first = sech2;
+      out.second = T(-2) * t * sech2;
+      break;
+    }
+    case Activation::Sigmoid: {
+      T sigma, sigma_prime;
+      sigmoid_parts(z, sigma, sigma_prime);
+      out.value = sigma;
+      out.first = sigma_prime;
+      // sigma'' = sigma' (1 - 2 sigma) = -sigma' tanh(z/2)
+      out.second = -sigma_prime * tanh(z * T(0.5));
+      break;
+    }
+    case Activation::GeluErf: {
+      // Same expressions as PyTorch's gelu kernels (approximate='none').
+      const T cdf = T(0.5) * (T(1) + erf(z * T(0.70710678118654752440)));
+      const T pdf = exp(T(-0.5) * z * z) * T(0.39894228040143267794);
+      out.value = z * cdf;
+      out.first = cdf + z * pdf;
+      out.second = pdf * (T(2) - z * z);
+      break;
+    }
+    case Activation::GeluTanh: {
+      // u = sqrt(2/pi) (z + kappa z^3), s = z (1 + tanh u) / 2.
+      const T beta = T(0.79788456080286535588);
+      const T kappa = T(0.044715);
+      const T u = beta * (z + kappa * z * z * z);
+      const T du = beta * (T(1) + T(3) * kappa * z * z);
+      const T ddu = beta * T(6) * kappa * z;
+      const T t = tanh(u);
+      const T sech2 = T(1) - t * t;
+      out.value = T(0.5) * z * (T(1) + t);
+      out.first = T(0.5) * (T(1) + t) + T(0.5) * z * sech2 * du;
+      out.second = sech2 * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+      break;
+    }
+    case Activation::Softplus: {
+      // PyTorch: linear once beta z > threshold; log1p(exp(beta z)) / beta below.
+      const T bz = param0 * z;
+      if (bz > param1) {
+        out.value = z;
+      } else {
+        T sigma, sigma_prime;
+        sigmoid_parts(bz, sigma, sigma_prime);
+        out.value = log1p(exp(bz)) / param0;
+        out.first = sigma;
+        out.second = param0 * sigma_prime;
+      }
+      break;
+    }
+    case Activation::ELU:
+      // PyTorch takes the exponential branch for z <= 0.
+      if (z <= T(0)) {
+        const T scaled = param0 * exp(z);
+        out.value = scaled - param0;
+        out.first = scaled;
+        out.second = scaled;
+      }
+      break;
+    case Activation::SiLU: {
+      T sigma, sigma_prime;
+      sigmoid_parts(z, sigma, sigma_prime);
+      out.value = z * sigma;
+      out.first = sigma + z * sigma_prime;
+      // d/dz [sigma + z sigma'] = 2 sigma' + z sigma'' and sigma'' = -sigma' tanh(z/2)
+      out.second = sigma_prime * (T(2) - z * tanh(z * T(0.5)));
+      break;
+    }
+  }
+  return out;
+}
+
+}  // namespace pyflat

@@ -1,0 +1,447 @@
+// The MLP engine's recurrences (DESIGN.md, "Recurrences" and "the tangent layout").
+//
+// Layers l = 0..L-1: z_l = a_{l-1} W_l^T + b_l, a_l = s_l(z_l), logits = a_{L-1}.
+// Tangents for k directions live as (B, k, d): every term below is one GEMM over all k.
+// This file validates every input (errors name the op, the argument, what was expected
+// and what came), runs the GEMMs through ATen and hands the per-element work to the
+// fused loops in csrc/cpu.
+#include "mlp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/irange.h>
+
+#include <sstream>
+
+#include "cpu/cpu_kernels.h"
+
+namespace pyflat {
+namespace {
+
+struct ActivationName {
+  const char* name;
+  Activation kind;
+};
+
+constexpr ActivationName kActivationNames[] = {
+    {"identity", Activation::Identity}, {"relu", Activation::ReLU},
+    {"leaky_relu", Activation::LeakyReLU}, {"tanh", Activation::Tanh},
+    {"sigmoid", Activation::Sigmoid}, {"gelu", Activation::GeluErf},
+    {"gelu_tanh", Activation::GeluTanh}, {"softplus", Activation::Softplus},
+    {"elu", Activation::ELU}, {"silu", Activation::SiLU},
+};
+
+Activation parse_activation(const char* op, const std::string& name, size_t index) {
+  std::ostringstream known;
+  for (const auto& entry : kActivationNames) {
+    if (name == entry.name) return entry.kind;
+    known << (known.tellp() > 0 ? ", " : "") << entry.name;
+  }
+  TORCH_CHECK(false, op, ": activations[", index, "] must be one of ", known.str(), "; got '",
+              name, "'");
+}
+
+double loss_scale(const char* op, const std::string& reduction, int64_t batch) {
+  if (reduction == "mean") return 1.0 / static_cast<double>(batch);
+  if (reduction == "sum") return 1.0;
+  TORCH_CHECK(false, op, ": reduction must be 'mean' or 'sum'; got '", reduction, "'");
+}
+
+struct Layer {
+  at::Tensor weight;  // (out, in)
+  std::optional<at::Tensor> bias;  // (out,)
+  Activation activation = Activation::Identity;
+  int64_t in = 0;
+  int64_t out = 0;
+  int64_t weight_offset = 0;  // where W_l starts in a flat direction
+  int64_t bias_offset = -1;   // where b_l starts, -1 without bias
+  int64_t first_index = -1;   // index into first_derivs, -1 for identity
+  int64_t curvature_index = -1;  // index into curvatures, -1 without s''
+};
+
+struct Network {
+  std::vector<Layer> layers;
+  int64_t batch = 0;
+  int64_t classes = 0;
+  int64_t num_params = 0;
+  int64_t num_first = 0;
+  int64_t num_curvature = 0;
+};
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void check_like(const char* op, const std::string& name, const at::Tensor& t,
+                const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have dtype ",
+              input.scalar_type(), " like input; got ", t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on ", input.device(),
+              " like input; got ", t.device());
+}
+
+void check_shape(const char* op, const std::string& name, const at::Tensor& t,
+                 at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must be ", expected, ", got ",
+              shape_str(t));
+}
+
+std::string indexed(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+Network check_network(const char* op, const at::Tensor& input, at::TensorList weights,
+                      const c10::List<std::optional<at::Tensor>>& biases,
+                      const std::vector<std::string>& activations) {
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (batch, features), got ",
+              shape_str(input));
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble, op,
+              ": input must be float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.size(0) > 0, op, ": input must hold at least one sample, got ",
+              shape_str(input));
+  TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one layer");
+  TORCH_CHECK(biases.size() == weights.size(), op, ": biases must have one entry per layer (",
+              weights.size(), "), got ", biases.size());
+  TORCH_CHECK(activations.size() == weights.size(), op,
+              ": activations must have one entry per layer (", weights.size(), "), got ",
+              activations.size());
+
+  Network net;
+  net.batch = input.size(0);
+  int64_t width = input.size(1);
+  for (const auto l : c10::irange(weights.size())) {
+    Layer layer;
+    const at::Tensor& w = weights[l];
+    const std::string wname = indexed("weights", l);
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == width, op, ": ", wname, " must be [out, ", width,
+                "], got ", shape_str(w));
+    check_like(op, wname, w, input);
+    layer.in = width;
+    layer.out = w.size(0);
+    TORCH_CHECK(layer.out > 0, op, ": ", wname, " must have at least one output, got ",
+                shape_str(w));
+    layer.weight = w.contiguous();
+    layer.weight_offset = net.num_params;
+    net.num_params += layer.out * layer.in;
+    const std::optional<at::Tensor> b = biases.get(l);
+    if (b.has_value() && b->defined()) {
+      const std::string bname = indexed("biases", l);
+      check_shape(op, bname, *b, {layer.out});
+      check_like(op, bname, *b, input);
+      layer.bias = b->contiguous();
+      layer.bias_offset = net.num_params;
+      net.num_params += layer.out;
+    }
+    layer.activation = parse_activation(op, activations[l], l);
+    if (!activation_is_identity(layer.activation)) layer.first_index = net.num_first++;
+    if (activation_has_curvature(layer.activation)) layer.curvature_index = net.num_curvature++;
+    width = layer.out;
+    net.layers.push_back(std::move(layer));
+  }
+  net.classes = width;
+  return net;
+}
+
+// Per-sample tensors the products reuse: one (batch, width) tensor per entry.
+void check_prepared(const char* op, const char* list_name, at::TensorList list,
+                    const std::vector<int64_t>& widths, const at::Tensor& input) {
+  TORCH_CHECK(list.size() == widths.size(), op, ": ", list_name, " must hold ", widths.size(),
+              " tensors for these layers, got ", list.size());
+  for (const auto i : c10::irange(list.size())) {
+    const std::string name = indexed(list_name, i);
+    check_shape(op, name, list[i], {input.size(0), widths[i]});
+    check_like(op, name, list[i], input);
+  }
+}
+
+// Split [0, rows) over threads; each chunk gets at least ~32k elements of work.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t elements_per_row, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+  at::parallel_for(0, rows, grain, fn);
+}
+
+void require_cpu(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": this build has kernels for CPU tensors only; got ",
+              t.device());
+}
+
+template <typename T>
+T* data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// s applied in place on z; returns (s', s'') buffers as asked.
+void activation_forward(const Layer& layer, double param0, double param1, at::Tensor& z,
+                        at::Tensor& first, at::Tensor& second) {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "pyflat_activation_forward", [&] {
+    ActivationForwardParams<scalar_t> p{data<scalar_t>(z), data<scalar_t>(z),
+                                        data<scalar_t>(first), data<scalar_t>(second),
+                                        z.size(0), z.size(1), layer.activation,
+                                        static_cast<scalar_t>(param0),
+                                        static_cast<scalar_t>(param1)};
+    parallel_rows(p.rows, p.cols, [&](int64_t b, int64_t e) { cpu::activation_forward(p, b, e); });
+  });
+}
+
+// (B, k, d) tangents: out = s' * tangent.
+void activation_tangent(const at::Tensor& first, const at::Tensor& tangent, at::Tensor& out,
+                        int64_t k) {
+  AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_activation_tangent", [&] {
+    ActivationTangentParams<scalar_t> p{data<scalar_t>(first), data<scalar_t>(tangent),
+                                        data<scalar_t>(out), first.size(0), k, first.size(1)};
+    parallel_rows(p.batch, p.k * p.cols,
+                  [&](int64_t b, int64_t e) { cpu::activation_tangent(p, b, e); });
+  });
+}
+
+// (B, k, d) deltas in place: delta = s' * delta + curvature * tangent_in.
+void activation_delta(const at::Tensor& first, const at::Tensor& curvature,
+                      const at::Tensor& tangent_in, at::Tensor& delta, int64_t batch, int64_t k,
+                      int64_t cols) {
+  AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "pyflat_activation_delta", [&] {
+    ActivationDeltaParams<scalar_t> p{data<scalar_t>(first), data<scalar_t>(curvature),
+                                      data<scalar_t>(tangent_in), data<scalar_t>(delta),
+                                      batch, k, cols};
+    parallel_rows(batch, k * cols, [&](int64_t b, int64_t e) { cpu::activation_delta(p, b, e); });
+  });
+}
+
+// Curvature products shared by the GGN and the exact Hessian (exact = true).
+at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_arg,
+                            at::TensorList weights,
+                            const c10::List<std::optional<at::Tensor>>& biases,
+                            const std::vector<std::string>& activations,
+                            const at::Tensor& probs_arg, at::TensorList hidden,
+                            at::TensorList first_derivs, at::TensorList deltas,
+                            at::TensorList curvatures, const at::Tensor& directions,
+                            const std::string& reduction) {
+  const Network net = check_network(op, input_arg, weights, biases, activations);
+  const int64_t B = net.batch;
+  const int64_t L = static_cast<int64_t>(net.layers.size());
+  const double scale = loss_scale(op, reduction, B);
+  require_cpu(op, input_arg);
+
+  check_shape(op, "probs", probs_arg, {B, net.classes});
+  check_like(op, "probs", probs_arg, input_arg);
+  std::vector<int64_t> hidden_widths, first_widths, delta_widths, curvature_widths;
+  for (const auto l : c10::irange(L)) {
+    const Layer& layer = net.layers[l];
+    if (l + 1 < L) hidden_widths.push_back(layer.out);
+    if (layer.first_index >= 0) first_widths.push_back(layer.out);
+    if (l > 0) delta_widths.push_back(layer.out);
+    if (layer.curvature_index >= 0) curvature_widths.push_back(layer.out);
+  }
+  check_prepared(op, "hidden", hidden, hidden_widths, input_arg);
+  check_prepared(op, "first_derivs", first_derivs, first_widths, input_arg);
+  if (exact) {
+    check_prepared(op, "deltas", deltas, delta_widths, input_arg);
+    check_prepared(op, "curvatures", curvatures, curvature_widths, input_arg);
+  }
+  TORCH_CHECK(directions.dim() == 2 && directions.size(1) == net.num_params, op,
+              ": directions must be [k, ", net.num_params,
+              "] (one row per direction, parameters flattened layer by layer as weight then "
+              "bias), got ",
+              shape_str(directions));
+  TORCH_CHECK(directions.size(0) > 0, op, ": directions must hold at least one direction");
+  check_like(op, "directions", directions, input_arg);
+
+  const int64_t k = directions.size(0);
+  const at::Tensor input = input_arg.contiguous();
+  const at::Tensor probs = probs_arg.contiguous();
+  auto prepared = [](at::TensorList list, int64_t i) {
+    return i >= 0 ? list[i].contiguous() : at::Tensor();
+  };
+  auto layer_input = [&](int64_t l) { return l == 0 ? input : hidden[l - 1].contiguous(); };
+
+  // R-forward: Rz_l = Ra_{l-1} W_l^T + a_{l-1} V_l^T + c_l, Ra_l = s'_l * Rz_l.
+  std::vector<at::Tensor> dir_weights(L);  // V_l as (k, out, in)
+  std::vector<at::Tensor> tangent_in(L);   // Ra_{l-1} as (B, k, in), kept for exact products
+  std::vector<at::Tensor> pre_tangent(L);  // Rz_l, kept where the curvature term needs it
+  at::Tensor tangent;                      // Ra_{l-1} of the current layer
+  for (const auto l : c10::irange(L)) {
+    const Layer& layer = net.layers[l];
+    dir_weights[l] = directions.narrow(1, layer.weight_offset, layer.out * layer.in)
+                         .reshape({k, layer.out, layer.in})
+                         .contiguous();
+    at::Tensor rz = at::mm(layer_input(l), dir_weights[l].view({k * layer.out, layer.in}).t());
+    if (l > 0) {
+      rz.view({B * k, layer.out}).addmm_(tangent.view({B * k, layer.in}), layer.weight.t());
+      if (exact) tangent_in[l] = tangent;
+    }
+    if (layer.bias_offset >= 0) {
+      rz.view({B, k, layer.out}).add_(directions.narrow(1, layer.bias_offset, layer.out));
+    }
+    if (layer.first_index < 0) {
+      tangent = rz;
+    } else if (exact && layer.curvature_index >= 0) {
+      pre_tangent[l] = rz;
+      tangent = at::empty_like(rz);
+      activation_tangent(first_derivs[layer.first_index].contiguous(), rz, tangent, k);
+    } else {
+      activation_tangent(first_derivs[layer.first_index].contiguous(), rz, rz, k);
+      tangent = rz;
+    }
+  }
+
+  // Loss Hessian on the logits' tangents, in place: (B, k, C).
+  AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_softmax_hessian", [&] {
+    SoftmaxHessianParams<scalar_t> p{data<scalar_t>(probs), data<scalar_t>(tangent), B, k,
+                                     net.classes, static_cast<scalar_t>(scale)};
+    parallel_rows(B, k * net.classes, [&](int64_t b, int64_t e) { cpu::softmax_hessian(p, b, e); });
+  });
+
+  // Backward: Re_l = s'_l * Rg_l (+ s''_l g_l * Rz_l), grad V_l = Re_l^T a_{l-1}
+  // (+ e_l^T Ra_{l-1}), Rg_{l-1} = Re_l W_l (+ e_l V_l).
+  at::Tensor out = at::empty({k, net.num_params}, input.options());
+  at::Tensor delta = tangent;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const Layer& layer = net.layers[l];
+    const at::Tensor first = prepared(first_derivs, layer.first_index);
+    const at::Tensor curvature = exact ? prepared(curvatures, layer.curvature_index) : at::Tensor();
+    if (first.defined() || curvature.defined()) {
+      activation_delta(first, curvature, pre_tangent[l], delta, B, k, layer.out);
+    }
+    const at::Tensor delta_flat = delta.view({B, k * layer.out});
+    at::Tensor grad_w = at::mm(delta_flat.t(), layer_input(l));  // (k*out, in)
+    const at::Tensor e = (exact && l > 0) ? deltas[l - 1].contiguous() : at::Tensor();
+    if (e.defined()) {
+      grad_w.view({k, layer.out, layer.in})
+          .add_(at::mm(e.t(), tangent_in[l].view({B, k * layer.in}))
+                    .view({layer.out, k, layer.in})
+                    .permute({1, 0, 2}));
+    }
+    out.narrow(1, layer.weight_offset, layer.out * layer.in)
+        .copy_(grad_w.view({k, layer.out * layer.in}));
+    if (layer.bias_offset >= 0) {
+      out.narrow(1, layer.bias_offset, layer.out)
+          .copy_(delta_flat.sum(0).view({k, layer.out}));
+    }
+    if (l > 0) {
+      at::Tensor next = at::mm(delta.view({B * k, layer.out}), layer.weight);  // (B*k, in)
+      if (e.defined()) {
+        next.view({B, k * layer.in})
+            .addmm_(e, dir_weights[l].permute({1, 0, 2}).reshape({layer.out, k * layer.in}));
+      }
+      delta = next;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
+                          at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                          const std::vector<std::string>& activations,
+                          at::ArrayRef<double> activation_params, const std::string& reduction,
+                          bool with_hessian_terms) {
+  const char* op = "mlp_forward";
+  const Network net = check_network(op, input_arg, weights, biases, activations);
+  const int64_t B = net.batch;
+  const int64_t L = static_cast<int64_t>(net.layers.size());
+  const double scale = loss_scale(op, reduction, B);
+  require_cpu(op, input_arg);
+  TORCH_CHECK(activation_params.size() == 2 * weights.size(), op,
+              ": activation_params must hold two numbers per layer (", 2 * weights.size(),
+              "), got ", activation_params.size());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op,
+              ": target must hold class indices as int64, got ", target.scalar_type());
+  check_shape(op, "target", target, {B});
+  TORCH_CHECK(target.device() == input_arg.device(), op, ": target must be on ",
+              input_arg.device(), " like input; got ", target.device());
+  const at::Tensor labels = target.contiguous();
+  {
+    const int64_t* y = labels.data_ptr<int64_t>();
+    for (const auto n : c10::irange(B)) {
+      TORCH_CHECK(y[n] >= 0 && y[n] < net.classes, op, ": target must hold class indices in [0, ",
+                  net.classes, "); got target[", n, "] = ", y[n]);
+    }
+  }
+
+  std::vector<at::Tensor> hidden, firsts, seconds(L), deltas, curvatures;
+  at::Tensor a = input_arg.contiguous();
+  for (const auto l : c10::irange(L)) {
+    const Layer& layer = net.layers[l];
+    at::Tensor z = layer.bias.has_value() ? at::addmm(*layer.bias, a, layer.weight.t())
+                                          : at::mm(a, layer.weight.t());
+    if (layer.first_index >= 0) {
+      at::Tensor first = at::empty_like(z);
+      if (with_hessian_terms && layer.curvature_index >= 0) seconds[l] = at::empty_like(z);
+      activation_forward(layer, activation_params[2 * l], activation_params[2 * l + 1], z, first,
+                         seconds[l]);
+      firsts.push_back(first);
+    }
+    if (l + 1 < L) hidden.push_back(z);
+    a = z;
+  }
+
+  at::Tensor probs = at::empty_like(a);
+  at::Tensor grad = at::empty_like(a);
+  at::Tensor row_loss = at::empty({B}, a.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyflat_softmax_cross_entropy", [&] {
+    SoftmaxCrossEntropyParams<scalar_t> p{data<scalar_t>(a), labels.data_ptr<int64_t>(),
+                                          data<scalar_t>(probs), data<scalar_t>(grad),
+                                          row_loss.data_ptr<double>(), B, net.classes,
+                                          static_cast<scalar_t>(scale)};
+    parallel_rows(B, net.classes,
+                  [&](int64_t b, int64_t e) { cpu::softmax_cross_entropy(p, b, e); });
+  });
+  // Sequential float64 sum: the same bits whatever the thread count.
+  double total = 0.0;
+  const double* row = row_loss.data_ptr<double>();
+  for (const auto n : c10::irange(B)) total += row[n];
+  const at::Tensor loss = at::scalar_tensor(total * scale, a.options());
+
+  if (with_hessian_terms) {
+    // Ordinary backprop on the prepared batch: e_l = s'_l * g_l and s''_l * g_l, with
+    // g_{l-1} = e_l W_l; the products need e_l for l >= 1 and s'' g where s'' exists.
+    at::Tensor g = grad;
+    std::vector<at::Tensor> layer_deltas(L);
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const Layer& layer = net.layers[l];
+      if (layer.first_index >= 0) {
+        AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pyflat_activation_backward", [&] {
+          ActivationBackwardParams<scalar_t> p{data<scalar_t>(g), data<scalar_t>(firsts[layer.first_index]),
+                                               data<scalar_t>(seconds[l]), data<scalar_t>(g), B,
+                                               layer.out};
+          parallel_rows(B, layer.out,
+                        [&](int64_t b, int64_t e) { cpu::activation_backward(p, b, e); });
+        });
+      }
+      layer_deltas[l] = g;
+      if (l > 0) g = at::mm(g, layer.weight);
+    }
+    for (const auto l : c10::irange(1, L)) deltas.push_back(layer_deltas[l]);
+    for (const auto l : c10::irange(L)) {
+      if (net.layers[l].curvature_index >= 0) curvatures.push_back(seconds[l]);
+    }
+  }
+  return {loss, probs, hidden, firsts, deltas, curvatures};
+}
+
+at::Tensor mlp_ggn_matmat(const at::Tensor& input, at::TensorList weights,
+                          const c10::List<std::optional<at::Tensor>>& biases,
+                          const std::vector<std::string>& activations, const at::Tensor& probs,
+                          at::TensorList hidden, at::TensorList first_derivs,
+                          const at::Tensor& directions, const std::string& reduction) {
+  return curvature_matmat("mlp_ggn_matmat", /*exact=*/false, input, weights, biases, activations,
+                          probs, hidden, first_derivs, {}, {}, directions, reduction);
+}
+
+at::Tensor mlp_hessian_matmat(const at::Tensor& input, at::TensorList weights,
+                              const c10::List<std::optional<at::Tensor>>& biases,
+                              const std::vector<std::string>& activations,
+                              const at::Tensor& probs, at::TensorList hidden,
+                              at::TensorList first_derivs, at::TensorList deltas,
+                              at::TensorList curvatures, const at::Tensor& directions,
+                              const std::string& reduction) {
+  return curvature_matmat("mlp_hessian_matmat", /*exact=*/true, input, weights, biases,
+                          activations, probs, hidden, first_derivs, deltas, curvatures,
+                          directions, reduction);
+}
+
+}  // namespace pyflat

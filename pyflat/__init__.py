@@ -1,0 +1,15 @@
+"""pyflat: fast, exact curvature of cross-entropy networks.
+
+Operators ``GGN`` and ``Hessian`` give Gauss-Newton and exact Hessian products of an
+MLP's cross-entropy loss, k directions at a time, from a fused C++ engine;
+``pyflat.reference`` gives the same products by autograd, as the oracle.
+"""
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
+from . import ops, reference
+from .operators import GGN, CurvatureOperator, Hessian
+
+__version__ = "0.1.0"
+
+__all__ = ["CurvatureOperator", "GGN", "Hessian", "ops", "reference"]

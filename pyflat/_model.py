@@ -1,0 +1,147 @@
+"""Reading an nn.Module into the engine's description of an MLP.
+
+The fused engine takes a chain of Linear layers with at most one elementwise activation
+after each. This module walks an ``nn.Sequential`` (nested ones too), checks that every
+module is one the engine computes exactly, and says which module is not, by its path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["MLPSpec", "parse_mlp", "SUPPORTED_MODULES"]
+
+# module type -> (engine name, param0, param1) read from the module
+_ACTIVATIONS: dict[type, Callable[[nn.Module], tuple[str, float, float]]] = {
+    nn.ReLU: lambda m: ("relu", 0.0, 0.0),
+    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope), 0.0),
+    nn.Tanh: lambda m: ("tanh", 0.0, 0.0),
+    nn.Sigmoid: lambda m: ("sigmoid", 0.0, 0.0),
+    nn.GELU: lambda m: ("gelu" if m.approximate == "none" else "gelu_tanh", 0.0, 0.0),
+    nn.Softplus: lambda m: ("softplus", float(m.beta), float(m.threshold)),
+    nn.ELU: lambda m: ("elu", float(m.alpha), 0.0),
+    nn.SiLU: lambda m: ("silu", 0.0, 0.0),
+}
+
+SUPPORTED_MODULES = ("Linear", "Flatten", "Identity", "Dropout (eval mode)") + tuple(
+    t.__name__ for t in _ACTIVATIONS)
+
+
+@dataclass
+class MLPSpec:
+    """A model as the engine sees it; ``parameters`` follow the flat direction layout,
+    which equals ``list(model.parameters())``."""
+
+    weights: list[torch.Tensor] = field(default_factory=list)
+    biases: list[Optional[torch.Tensor]] = field(default_factory=list)
+    activations: list[str] = field(default_factory=list)
+    activation_params: list[float] = field(default_factory=list)
+    linear_paths: list[str] = field(default_factory=list)
+    parameters: list[nn.Parameter] = field(default_factory=list)
+    # (path, module) applied to the input before the first Linear: Flatten, activations
+    input_modules: list[tuple[str, nn.Module]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weights[-1].shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weights[0].shape[1]
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for _, module in self.input_modules:
+                x = module(x)
+        return x
+
+
+def _unsupported(caller: str, path: str, module: nn.Module, why: str = "") -> TypeError:
+    reason = why or ("the fused engine supports " + ", ".join(SUPPORTED_MODULES))
+    return TypeError(f"{caller}: unsupported module {type(module).__name__} at '{path}': "
+                     f"{reason}")
+
+
+def _leaves(module: nn.Module, path: str):
+    if isinstance(module, nn.Sequential):
+        # _modules, not named_children(): the latter skips a module that appears twice,
+        # and a reused activation (act = nn.ReLU() in two places) runs twice.
+        for name, child in module._modules.items():
+            if child is None:
+                continue
+            yield from _leaves(child, f"{path}.{name}" if path else name)
+    else:
+        yield path or "<model>", module
+
+
+def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
+    """Describes ``model`` for the engine, or raises TypeError naming what it cannot take.
+
+    Args:
+        model: an ``nn.Sequential`` (nested allowed) of Linear layers, activations
+            (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, Softplus, ELU, SiLU), Flatten, Identity
+            and Dropout in eval mode; or a single Linear layer.
+        caller: the public name the errors speak for (e.g. ``"pyflat.GGN"``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(model, (nn.Sequential, nn.Linear)) and any(True for _ in model.children()):
+        raise _unsupported(caller, "<model>", model,
+                           "a module with its own forward() cannot be read as a chain of "
+                           "layers; the fused engine takes an nn.Sequential (nested allowed) of "
+                           + ", ".join(SUPPORTED_MODULES))
+    spec = MLPSpec()
+    activation_after: Optional[str] = None  # path of the activation following the last Linear
+    for path, module in _leaves(model, ""):
+        kind = type(module)
+        if kind is nn.Linear:
+            spec.weights.append(module.weight.detach())
+            spec.biases.append(None if module.bias is None else module.bias.detach())
+            spec.activations.append("identity")
+            spec.activation_params += [0.0, 0.0]
+            spec.linear_paths.append(path)
+            spec.parameters.append(module.weight)
+            if module.bias is not None:
+                spec.parameters.append(module.bias)
+            activation_after = None
+        elif kind in _ACTIVATIONS:
+            name, p0, p1 = _ACTIVATIONS[kind](module)
+            if not spec.weights:
+                spec.input_modules.append((path, module))
+            elif activation_after is not None:
+                raise _unsupported(caller, path, module,
+                                   f"it directly follows the activation at '{activation_after}'; "
+                                   "the fused engine takes at most one activation after each "
+                                   "Linear")
+            else:
+                spec.activations[-1] = name
+                spec.activation_params[-2:] = [p0, p1]
+                activation_after = path
+        elif kind is nn.Flatten:
+            if module.start_dim != 1 or module.end_dim != -1:
+                raise _unsupported(caller, path, module,
+                                   f"only Flatten(start_dim=1, end_dim=-1) is supported, got "
+                                   f"start_dim={module.start_dim}, end_dim={module.end_dim}")
+            if not spec.weights:
+                spec.input_modules.append((path, module))
+        elif kind is nn.Identity:
+            continue
+        elif kind is nn.Dropout:
+            if module.training and module.p > 0:
+                raise _unsupported(caller, path, module,
+                                   "Dropout is in training mode, so every product would draw a "
+                                   "new mask; call model.eval() first")
+        else:
+            raise _unsupported(caller, path, module)
+    if not spec.weights:
+        raise TypeError(f"{caller}: model has no Linear layer; the fused engine needs at least one")
+
+    own = list(model.parameters())
+    if len(own) != len(spec.parameters) or any(a is not b for a, b in zip(own, spec.parameters)):
+        raise TypeError(f"{caller}: the model's parameters are not the Linear layers' weights and "
+                        "biases in order (is a Linear layer used twice?); shared parameters "
+                        "are not supported")
+    return spec

@@ -1,0 +1,288 @@
+"""Curvature operators: GGN and exact Hessian of a cross-entropy loss, as linear operators.
+
+Both follow one protocol (``shape``, ``dtype``, ``device``, ``@``, ``matvec``, ``matmat``,
+``to_scipy()``, ``to_dense()``), on flat vectors (P,), blocks (P, k) and parameter lists,
+so every algorithm in pyflat takes either, the autograd reference operators, or a dense
+tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()])``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from ._model import MLPSpec, parse_mlp
+
+__all__ = ["CurvatureOperator", "GGN", "Hessian"]
+
+Vector = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+class CurvatureOperator:
+    """A symmetric P x P linear operator over a model's flattened parameters.
+
+    Subclasses implement ``_matmat(V)`` for a (P, k) block V of their dtype and device;
+    this class validates inputs and provides the rest of the protocol.
+    """
+
+    #: shapes of the parameters, for the parameter-list form of ``matvec``
+    param_shapes: list[torch.Size]
+
+    def __init__(self, param_shapes: Sequence[torch.Size], dtype: torch.dtype,
+                 device: torch.device):
+        self.param_shapes = [torch.Size(s) for s in param_shapes]
+        self._dim = sum(s.numel() for s in self.param_shapes)
+        self._dtype = dtype
+        self._device = torch.device(device)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self._dim, self._dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_block(self, V: torch.Tensor, name: str) -> None:
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}.{name}: expected a torch.Tensor, got "
+                            f"{type(V).__name__}")
+        if V.dtype != self.dtype:
+            raise TypeError(f"{type(self).__name__}.{name}: expected dtype {self.dtype}, got "
+                            f"{V.dtype}")
+        if V.device != self.device:
+            raise ValueError(f"{type(self).__name__}.{name}: expected a tensor on "
+                             f"{self.device}, got one on {V.device}")
+        if not bool(torch.isfinite(V).all()):
+            raise ValueError(f"{type(self).__name__}.{name}: the input holds NaN or inf")
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """Applies the operator to a block of k directions: (P, k) -> (P, k)."""
+        self._check_block(V, "matmat")
+        if V.dim() != 2 or V.shape[0] != self._dim or V.shape[1] == 0:
+            raise ValueError(f"{type(self).__name__}.matmat: expected a block of shape "
+                             f"({self._dim}, k) with k >= 1, got {tuple(V.shape)}")
+        return self._matmat(V)
+
+    def matvec(self, v: Vector) -> Vector:
+        """Applies the operator to one direction: a flat (P,) vector, or a list of
+        tensors shaped like the parameters (the result then has the same form)."""
+        if isinstance(v, (list, tuple)):
+            return self._matvec_list(v)
+        self._check_block(v, "matvec")
+        if v.dim() != 1 or v.shape[0] != self._dim:
+            raise ValueError(f"{type(self).__name__}.matvec: expected a vector of shape "
+                             f"({self._dim},), got {tuple(v.shape)}")
+        return self._matmat(v.view(-1, 1)).view(-1)
+
+    def _matvec_list(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(vs) != len(self.param_shapes):
+            raise ValueError(f"{type(self).__name__}.matvec: expected {len(self.param_shapes)} "
+                             f"tensors (one per parameter), got {len(vs)}")
+        for i, (t, shape) in enumerate(zip(vs, self.param_shapes)):
+            if not isinstance(t, torch.Tensor) or t.shape != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{type(self).__name__}.matvec: entry {i} must have shape "
+                                 f"{tuple(shape)}, got {got}")
+        flat = self.matvec(torch.cat([t.reshape(-1) for t in vs]))
+        return [chunk.view(shape) for chunk, shape in
+                zip(flat.split([s.numel() for s in self.param_shapes]), self.param_shapes)]
+
+    def __matmul__(self, x: Vector) -> Vector:
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            return self.matmat(x)
+        return self.matvec(x)
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` over numpy arrays (float64 or
+        float32 as the operator); vectors travel to the operator's device and back."""
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
+
+        def apply(x):
+            x = np.asarray(x)
+            block = torch.as_tensor(np.ascontiguousarray(x.reshape(self._dim, -1)),
+                                    dtype=self.dtype, device=self.device)
+            return self.matmat(block).cpu().numpy().reshape(x.shape).astype(np_dtype, copy=False)
+
+        return LinearOperator(self.shape, matvec=apply, rmatvec=apply, matmat=apply,
+                              rmatmat=apply, dtype=np_dtype)
+
+    def to_dense(self, chunk: int = 256) -> torch.Tensor:
+        """The P x P matrix, built from blocks of unit vectors (small models only)."""
+        dense = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        for start in range(0, self._dim, chunk):
+            stop = min(start + chunk, self._dim)
+            eye = torch.zeros(self._dim, stop - start, dtype=self.dtype, device=self.device)
+            eye[torch.arange(start, stop), torch.arange(stop - start)] = 1
+            dense[:, start:stop] = self._matmat(eye)
+        return dense
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int,
+                caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validates a batch ``(X, y)`` for a model of the given dtype, device and classes."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, got "
+                        f"{type(data).__name__}")
+    X, y = data
+    if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, got "
+                        f"({type(X).__name__}, {type(y).__name__})")
+    if X.dtype != dtype:
+        raise TypeError(f"{caller}: X must have the model's dtype {dtype}, got {X.dtype}")
+    if X.device != device or y.device != device:
+        raise ValueError(f"{caller}: X and y must be on the model's device {device}, got "
+                         f"{X.device} and {y.device}")
+    if X.dim() < 2 or X.shape[0] == 0:
+        raise ValueError(f"{caller}: X must be (batch, features...) with batch >= 1, got "
+                         f"{tuple(X.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{caller}: y must hold integer class indices, got {y.dtype} "
+                        "(soft labels are not supported)")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"{caller}: y must have shape ({X.shape[0]},) to match X, got "
+                         f"{tuple(y.shape)}")
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{caller}: X holds NaN or inf")
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"{caller}: y must hold class indices in [0, {num_classes}), got {bad}")
+    return X, y.long()
+
+
+def _model_dtype_device(spec: MLPSpec, caller: str) -> tuple[torch.dtype, torch.device]:
+    dtypes = {p.dtype for p in spec.parameters}
+    devices = {p.device for p in spec.parameters}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise TypeError(f"{caller}: all parameters must share one dtype and device, got "
+                        f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+    dtype, device = dtypes.pop(), devices.pop()
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{caller}: the model must be float32 or float64, got {dtype}")
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("pyflat::mlp_forward",
+                                                           device.type.upper()):
+        raise ValueError(f"{caller}: this build of pyflat has no kernels for {device.type} "
+                         f"devices; the model is on {device}")
+    for p, path in zip(spec.parameters, _parameter_paths(spec)):
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(f"{caller}: parameter '{path}' holds NaN or inf")
+    return dtype, device
+
+
+def _parameter_paths(spec: MLPSpec) -> list[str]:
+    paths = []
+    for path, b in zip(spec.linear_paths, spec.biases):
+        paths.append(f"{path}.weight")
+        if b is not None:
+            paths.append(f"{path}.bias")
+    return paths
+
+
+class _MLPCurvature(CurvatureOperator):
+    _exact: bool
+
+    def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
+                 weight_decay: float = 0.0):
+        caller = f"pyflat.{type(self).__name__}"
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"{caller}: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(weight_decay, (int, float)) or not np.isfinite(weight_decay) \
+                or weight_decay < 0:
+            raise ValueError(f"{caller}: weight_decay must be a finite number >= 0, got "
+                             f"{weight_decay!r}")
+        spec = parse_mlp(model, caller)
+        dtype, device = _model_dtype_device(spec, caller)
+        X, y = check_batch(data, dtype, device, spec.num_classes, caller)
+        X = spec.transform_input(X)
+        if X.dim() != 2 or X.shape[1] != spec.in_features:
+            raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
+                             f"{spec.in_features} features per sample, but X becomes "
+                             f"{tuple(X.shape)} before it")
+        super().__init__([p.shape for p in spec.parameters], dtype, device)
+        # Snapshot: the operator describes the model as it is now, even if training goes on.
+        self._weights = [w.clone() for w in spec.weights]
+        self._biases = [None if b is None else b.clone() for b in spec.biases]
+        self._activations = list(spec.activations)
+        self._input = X.contiguous()
+        self.reduction = reduction
+        self.weight_decay = float(weight_decay)
+        self.num_samples = X.shape[0]
+        self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
+                                         self._activations, spec.activation_params, reduction,
+                                         with_hessian_terms=self._exact)
+        #: the cross-entropy (without the L2 term) at the prepared batch
+        self.loss = float(self._prepared.loss)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
+        out = product(self._input, self._weights, self._biases, self._activations,
+                      self._prepared, V.t(), self.reduction).t()
+        if self.weight_decay:
+            out = out.add(V, alpha=self.weight_decay)
+        return out.contiguous()
+
+
+class GGN(_MLPCurvature):
+    r"""Generalized Gauss-Newton matrix of a cross-entropy loss: G = J^T H_loss J (+ mu I).
+
+    J is the Jacobian of the logits w.r.t. the parameters and H_loss the Hessian of the
+    cross-entropy w.r.t. the logits, diag(p) - p p^T per sample (divided by B for
+    ``reduction="mean"``). G is positive semi-definite.
+
+    With ``weight_decay=mu`` the objective is CE + mu/2 |theta|^2 and the operator is
+    G + mu I: the L2 term is convex, so its Hessian mu I joins the GGN whole. With
+    ``weight_decay=0`` (the default) the operator is the cross-entropy part alone; the two
+    views differ by a shift of every eigenvalue by mu.
+
+    The forward pass is computed once, at construction, and reused by every product; the
+    operator keeps a copy of the weights, so it describes the model as it was then.
+
+    Args:
+        model: ``nn.Sequential`` of Linear layers and activations (see
+            :data:`pyflat._model.SUPPORTED_MODULES`), float32 or float64.
+        data: a batch ``(X, y)``; y holds class indices.
+        reduction: ``"mean"`` (the default, as ``F.cross_entropy``) or ``"sum"``.
+        weight_decay: mu >= 0 of the L2 term mu/2 |theta|^2.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(8, 3)).double()
+        >>> X, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        >>> G = pyflat.GGN(model, (X, y))
+        >>> G.shape
+        (67, 67)
+        >>> (G @ torch.randn(67, 5, dtype=torch.float64)).shape
+        torch.Size([67, 5])
+    """
+
+    _exact = False
+
+
+class Hessian(_MLPCurvature):
+    r"""Exact Hessian of a cross-entropy loss w.r.t. the parameters (+ mu I).
+
+    H = G + sum_n sum_c (dloss/df_nc) d^2 f_nc / dtheta^2: the GGN plus the terms of the
+    network's own curvature, weighted by the loss gradient. It can be indefinite. For
+    piecewise-linear networks (ReLU) H != G in general, yet trace(H) = trace(G).
+
+    ``weight_decay=mu`` adds mu I (the Hessian of mu/2 |theta|^2); arguments as
+    :class:`GGN`.
+    """
+
+    _exact = True

@@ -1,0 +1,139 @@
+"""Functional ops of the engine: tensors in, tensors out.
+
+Typed wrappers over ``torch.ops.pyflat.*`` (schemas in csrc/registration.cpp) with fake
+implementations, so the ops work under torch.compile / FakeTensor and pass
+``torch.library.opcheck``. Most users want the operators in :mod:`pyflat.operators`.
+
+Layout conventions:
+
+* A network is L linear layers: ``weights[l]`` is (out_l, in_l), ``biases[l]`` is (out_l,)
+  or None, ``activations[l]`` names the elementwise function applied after layer l
+  (``"identity"`` for none; the last layer's output are the logits).
+* A block of k directions is a (k, P) tensor: each row is one direction with the
+  parameters flattened layer by layer, weight (row-major) then bias.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "ACTIVATIONS",
+    "CURVED_ACTIVATIONS",
+    "PreparedBatch",
+    "mlp_forward",
+    "mlp_ggn_matmat",
+    "mlp_hessian_matmat",
+]
+
+#: Activation names the engine knows; ``activation_params`` holds two numbers per layer:
+#: leaky_relu (negative_slope, 0), softplus (beta, threshold), elu (alpha, 0), else (0, 0).
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh",
+               "softplus", "elu", "silu")
+#: Activations with a non-zero second derivative (they add a term to the exact Hessian).
+CURVED_ACTIVATIONS = ("tanh", "sigmoid", "gelu", "gelu_tanh", "softplus", "elu", "silu")
+
+
+class PreparedBatch(NamedTuple):
+    """What :func:`mlp_forward` prepares for the products of one batch.
+
+    Attributes:
+        loss: scalar cross-entropy (mean or sum, as asked).
+        probs: (B, C) softmax probabilities.
+        hidden: activations a_1..a_{L-1}, each (B, out_l).
+        first_derivs: s'(z_l) of every layer whose activation is not the identity.
+        deltas: gradient deltas e_2..e_L (w.r.t. z_l), only with Hessian terms.
+        curvatures: s''(z_l) * dloss/da_l of every layer with a curved activation,
+            only with Hessian terms.
+    """
+
+    loss: torch.Tensor
+    probs: torch.Tensor
+    hidden: list[torch.Tensor]
+    first_derivs: list[torch.Tensor]
+    deltas: list[torch.Tensor]
+    curvatures: list[torch.Tensor]
+
+
+def mlp_forward(input: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tensor],
+                biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                activation_params: Sequence[float], reduction: str = "mean",
+                with_hessian_terms: bool = True) -> PreparedBatch:
+    """Runs the forward pass (and, for exact Hessians, the backward) once for a batch.
+
+    Args:
+        input: (B, d_0) float32 or float64 features.
+        target: (B,) int64 class indices in [0, C).
+        weights, biases, activations, activation_params: the network (module docstring).
+        reduction: ``"mean"`` or ``"sum"`` over the batch.
+        with_hessian_terms: also prepare the gradient terms the exact Hessian needs.
+    """
+    out = torch.ops.pyflat.mlp_forward.default(
+        input, target, list(weights), list(biases), list(activations),
+        [float(x) for x in activation_params], reduction, with_hessian_terms)
+    return PreparedBatch(*out)
+
+
+def mlp_ggn_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
+                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                   prepared: PreparedBatch, directions: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """GGN products G V = J^T H_loss J V for a (k, P) block of directions; returns (k, P)."""
+    return torch.ops.pyflat.mlp_ggn_matmat.default(
+        input, list(weights), list(biases), list(activations), prepared.probs,
+        prepared.hidden, prepared.first_derivs, directions, reduction)
+
+
+def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
+                       biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                       prepared: PreparedBatch, directions: torch.Tensor,
+                       reduction: str = "mean") -> torch.Tensor:
+    """Exact Hessian products H V for a (k, P) block of directions; returns (k, P).
+
+    ``prepared`` must come from :func:`mlp_forward` with ``with_hessian_terms=True``.
+    """
+    return torch.ops.pyflat.mlp_hessian_matmat.default(
+        input, list(weights), list(biases), list(activations), prepared.probs,
+        prepared.hidden, prepared.first_derivs, prepared.deltas, prepared.curvatures,
+        directions, reduction)
+
+
+def _num_params(weights, biases):
+    total = 0
+    for w, b in zip(weights, biases):
+        total = total + w.shape[0] * w.shape[1]
+        if b is not None:
+            total = total + b.shape[0]
+    return total
+
+
+@torch.library.register_fake("pyflat::mlp_forward")
+def _mlp_forward_fake(input, target, weights, biases, activations, activation_params,
+                      reduction, with_hessian_terms):
+    batch = input.shape[0]
+    layers = len(weights)
+    widths = [w.shape[0] for w in weights]
+    loss = input.new_empty(())
+    probs = input.new_empty((batch, widths[-1]))
+    hidden = [input.new_empty((batch, widths[l])) for l in range(layers - 1)]
+    firsts = [input.new_empty((batch, widths[l])) for l in range(layers)
+              if activations[l] != "identity"]
+    deltas, curvatures = [], []
+    if with_hessian_terms:
+        deltas = [input.new_empty((batch, widths[l])) for l in range(1, layers)]
+        curvatures = [input.new_empty((batch, widths[l])) for l in range(layers)
+                      if activations[l] in CURVED_ACTIVATIONS]
+    return loss, probs, hidden, firsts, deltas, curvatures
+
+
+@torch.library.register_fake("pyflat::mlp_ggn_matmat")
+def _mlp_ggn_matmat_fake(input, weights, biases, activations, probs, hidden, first_derivs,
+                         directions, reduction):
+    return directions.new_empty((directions.shape[0], _num_params(weights, biases)))
+
+
+@torch.library.register_fake("pyflat::mlp_hessian_matmat")
+def _mlp_hessian_matmat_fake(input, weights, biases, activations, probs, hidden,
+                             first_derivs, deltas, curvatures, directions, reduction):
+    return directions.new_empty((directions.shape[0], _num_params(weights, biases)))

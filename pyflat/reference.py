@@ -1,0 +1,201 @@
+"""Autograd ground truth: every product of pyflat, computed by torch.func / autograd.
+
+This module is the oracle of the tests and the baseline of the benchmarks. It never
+touches the engine: it calls the model's own forward through
+``torch.func.functional_call``, so any model works here, fused engine or not.
+
+Vectors use the flat layout of the operators: the parameters of ``model.parameters()``
+flattened and concatenated (P entries); blocks are (P, k).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
+
+from .operators import CurvatureOperator
+
+__all__ = [
+    "CurvatureFunctions",
+    "ReferenceGGN",
+    "ReferenceHessian",
+    "functions",
+    "ggn_dense",
+    "ggn_matmat",
+    "hessian_dense",
+    "hessian_matmat",
+    "hessian_matmat_double_backward",
+    "loss",
+]
+
+
+class CurvatureFunctions:
+    """Autograd products for one model and batch; each maps a flat (P,) vector to (P,).
+
+    Attributes:
+        ggn_vp: GGN product J^T H_loss J v as torch.func composes it: jvp of the logits,
+            the loss Hessian (jvp of the loss gradient w.r.t. the logits), vjp.
+        hvp: exact Hessian product, forward-over-reverse (jvp of the gradient).
+        hvp_double_backward: exact Hessian product by double backward, with the graph of
+            the gradient built once and kept (PyHessian's formulation).
+        params: the parameters, detached, as a flat (P,) vector.
+    """
+
+    def __init__(self, model: nn.Module, data, reduction: str = "mean"):
+        X, y = data
+        y = y.long()
+        named = list(model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.param_tuple = tuple(p.detach() for _, p in named)
+        self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
+        self.model, self.X, self.y, self.reduction = model, X, y, reduction
+        self._graph = None
+
+    def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(c.view(s) for c, s in zip(v.split(self.numels), self.shapes))
+
+    @staticmethod
+    def flatten(parts) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def logits(self, *params: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, dict(zip(self.names, params)), (self.X,))
+
+    def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, self.y, reduction=self.reduction)
+
+    def loss(self, *params: torch.Tensor) -> torch.Tensor:
+        return self.cross_entropy(self.logits(*params))
+
+    def ggn_vp(self, v: torch.Tensor) -> torch.Tensor:
+        logits, jv = jvp(self.logits, self.param_tuple, self.unflatten(v))
+        _, hjv = jvp(grad(self.cross_entropy), (logits,), (jv,))
+        _, vjp_fn = vjp(self.logits, *self.param_tuple)
+        return self.flatten(vjp_fn(hjv))
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        gradient = grad(self.loss, argnums=tuple(range(len(self.param_tuple))))
+        _, hv = jvp(gradient, self.param_tuple, self.unflatten(v))
+        return self.flatten(hv)
+
+    def hvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            leaves = [p.clone().requires_grad_(True) for p in self.param_tuple]
+            with torch.enable_grad():
+                grads = torch.autograd.grad(self.loss(*leaves), leaves, create_graph=True)
+            self._graph = (leaves, grads)
+        leaves, grads = self._graph
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=self.unflatten(v),
+                                 retain_graph=True)
+        return self.flatten(hv)
+
+    def linearized_ggn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """GGN product with the forward cached: ``torch.func.linearize`` for J v and one
+        vjp closure reused for J^T u; the loss Hessian likewise linearized at the logits.
+        The strongest autograd formulation of a GGN product."""
+        logits, jvp_fn = linearize(lambda *p: self.logits(*p), *self.param_tuple)
+        _, vjp_fn = vjp(self.logits, *self.param_tuple)
+        _, loss_hvp = linearize(grad(self.cross_entropy), logits)
+        return lambda v: self.flatten(vjp_fn(loss_hvp(jvp_fn(*self.unflatten(v)))))
+
+    def linearized_hvp(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Exact Hessian product with the forward and backward cached: the gradient
+        function linearized once (``torch.func.linearize``), then one jvp per product."""
+        gradient = grad(self.loss, argnums=tuple(range(len(self.param_tuple))))
+        _, hvp_fn = linearize(gradient, *self.param_tuple)
+        return lambda v: self.flatten(hvp_fn(*self.unflatten(v)))
+
+
+def functions(model: nn.Module, data, reduction: str = "mean") -> CurvatureFunctions:
+    """The autograd products for ``model`` on the batch ``data = (X, y)``."""
+    return CurvatureFunctions(model, data, reduction)
+
+
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
+    """fn on a (P,) vector, or on every column of a (P, k) block under vmap."""
+    if V.dim() == 1:
+        return fn(V)
+    return vmap(fn, in_dims=1, out_dims=1)(V)
+
+
+def loss(model: nn.Module, data, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``model`` on ``data`` (no L2 term)."""
+    X, y = data
+    with torch.no_grad():
+        return F.cross_entropy(model(X), y.long(), reduction=reduction)
+
+
+def ggn_matmat(model: nn.Module, data, V: torch.Tensor, *, reduction: str = "mean",
+               weight_decay: float = 0.0) -> torch.Tensor:
+    """(G + mu I) V by torch.func (jvp, loss Hessian, vjp); V is (P,) or (P, k)."""
+    out = _apply(functions(model, data, reduction).ggn_vp, V)
+    return out + weight_decay * V if weight_decay else out
+
+
+def hessian_matmat(model: nn.Module, data, V: torch.Tensor, *, reduction: str = "mean",
+                   weight_decay: float = 0.0) -> torch.Tensor:
+    """(H + mu I) V by torch.func forward-over-reverse; V is (P,) or (P, k)."""
+    out = _apply(functions(model, data, reduction).hvp, V)
+    return out + weight_decay * V if weight_decay else out
+
+
+def hessian_matmat_double_backward(model: nn.Module, data, V: torch.Tensor, *,
+                                   reduction: str = "mean",
+                                   weight_decay: float = 0.0) -> torch.Tensor:
+    """(H + mu I) V by double backward (torch.autograd.grad twice), column by column."""
+    fns = functions(model, data, reduction)
+    out = (fns.hvp_double_backward(V) if V.dim() == 1 else
+           torch.stack([fns.hvp_double_backward(V[:, j]) for j in range(V.shape[1])], 1))
+    return out + weight_decay * V if weight_decay else out
+
+
+def hessian_dense(model: nn.Module, data, *, reduction: str = "mean",
+                  weight_decay: float = 0.0) -> torch.Tensor:
+    """The P x P Hessian by ``torch.func.hessian`` (tiny models only)."""
+    fns = functions(model, data, reduction)
+    H = torch.func.hessian(lambda theta: fns.loss(*fns.unflatten(theta)))(fns.params)
+    return H + weight_decay * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+
+
+def ggn_dense(model: nn.Module, data, *, reduction: str = "mean",
+              weight_decay: float = 0.0) -> torch.Tensor:
+    """The P x P GGN J^T H_loss J from the full Jacobian of the logits and the full
+    Hessian of the loss w.r.t. the logits, both by torch.func (tiny models only)."""
+    fns = functions(model, data, reduction)
+    J = torch.func.jacrev(lambda theta: fns.logits(*fns.unflatten(theta)))(fns.params)
+    logits = fns.logits(*fns.param_tuple)
+    H_loss = torch.func.hessian(fns.cross_entropy)(logits)  # (B, C, B, C)
+    G = torch.einsum("ncp,ncmd,mdq->pq", J, H_loss, J)
+    return G + weight_decay * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+
+
+class _ReferenceOperator(CurvatureOperator):
+    _product = ""
+
+    def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
+                 weight_decay: float = 0.0):
+        params = list(model.parameters())
+        super().__init__([p.shape for p in params], params[0].dtype, params[0].device)
+        self._functions = functions(model, data, reduction)
+        self.weight_decay = float(weight_decay)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = _apply(getattr(self._functions, self._product), V)
+        return out + self.weight_decay * V if self.weight_decay else out
+
+
+class ReferenceGGN(_ReferenceOperator):
+    """The GGN (+ mu I) as a linear operator backed by torch.func; any model."""
+
+    _product = "ggn_vp"
+
+
+class ReferenceHessian(_ReferenceOperator):
+    """The exact Hessian (+ mu I) as a linear operator backed by torch.func; any model."""
+
+    _product = "hvp"
