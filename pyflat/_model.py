@@ -40,6 +40,8 @@ class MLPSpec:
     activations: list[str] = field(default_factory=list)
     activation_params: list[float] = field(default_factory=list)
     linear_paths: list[str] = field(default_factory=list)
+    # the activation module after each Linear (None for identity)
+    activation_modules: list[Optional[nn.Module]] = field(default_factory=list)
     parameters: list[nn.Parameter] = field(default_factory=list)
     # (path, module) applied to the input before the first Linear: Flatten, activations
     input_modules: list[tuple[str, nn.Module]] = field(default_factory=list)
@@ -103,6 +105,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
             spec.activations.append("identity")
             spec.activation_params += [0.0, 0.0]
             spec.linear_paths.append(path)
+            spec.activation_modules.append(None)
             spec.parameters.append(module.weight)
             if module.bias is not None:
                 spec.parameters.append(module.bias)
@@ -119,6 +122,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
             else:
                 spec.activations[-1] = name
                 spec.activation_params[-2:] = [p0, p1]
+                spec.activation_modules[-1] = module
                 activation_after = path
         elif kind is nn.Flatten:
             if module.start_dim != 1 or module.end_dim != -1:
