@@ -1,0 +1,66 @@
+"""Shared builders for the tests: small MLPs, batches and comparisons in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+# One constructor per activation the engine supports; parameters chosen so that every
+# branch is exercised (Softplus with a low threshold reaches its linear branch).
+ACTIVATION_MODULES = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "softplus": lambda: nn.Softplus(beta=1.5, threshold=2.0),
+    "elu": lambda: nn.ELU(alpha=0.8),
+    "silu": nn.SiLU,
+}
+
+
+def make_mlp(widths, activation="tanh", dtype=torch.float64, seed=0, bias=True,
+             scale=1.0) -> nn.Sequential:
+    """Linear layers widths[0] -> ... -> widths[-1] with `activation` between them."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        lin = nn.Linear(d_in, d_out, bias=bias)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(d_out, d_in, generator=gen) * scale / d_in ** 0.5)
+            if bias:
+                lin.bias.copy_(torch.randn(d_out, generator=gen) * 0.5)
+        layers.append(lin)
+        if i + 2 < len(widths):
+            layers.append(ACTIVATION_MODULES[activation]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def make_batch(batch, features, classes, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, features, generator=gen, dtype=dtype)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    return X, y
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_block(P, k, dtype=torch.float64, seed=2):
+    return torch.randn(P, k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (0 if both vanish)."""
+    scale = expected.abs().max().item()
+    diff = (actual - expected).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,274 @@
+"""Every refusal names the argument, what was expected and what came."""
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import pyflat
+from pyflat import ops
+
+from conftest import make_batch, make_mlp, num_params
+
+
+def mlp():
+    return make_mlp([4, 6, 3], "tanh")
+
+
+def data():
+    return make_batch(8, 4, 3)
+
+
+# ---- models -----------------------------------------------------------------------------
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x) * 2
+
+
+@pytest.mark.parametrize("model, message", [
+    (nn.Sequential(nn.Linear(4, 6), nn.Conv1d(1, 1, 1), nn.Linear(6, 3)),
+     "unsupported module Conv1d at '1': the fused engine supports Linear"),
+    (nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Tanh(), nn.LayerNorm(6)), nn.Linear(6, 3)),
+     "unsupported module LayerNorm at '1.1'"),
+    (Custom(), r"unsupported module Custom at .<model>.: a module with its own forward\(\)"),
+    (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Tanh(), nn.Linear(6, 3)),
+     "unsupported module Tanh at '2': it directly follows the activation at '1'"),
+    (nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)),
+     r"Dropout at .1.: Dropout is in training mode.*call model.eval\(\)"),
+    (nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(4, 3)),
+     r"only Flatten\(start_dim=1, end_dim=-1\) is supported, got start_dim=0"),
+    (nn.Sequential(nn.ReLU(), nn.Identity()), "model has no Linear layer"),
+])
+def test_unsupported_models_are_named(model, message):
+    with pytest.raises(TypeError, match=message):
+        pyflat.GGN(model.double(), data())
+
+
+def test_shared_layer_is_refused():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3)).double()
+    with pytest.raises(TypeError, match="shared parameters are not supported"):
+        pyflat.Hessian(model, data())
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="pyflat.GGN: model must be a torch.nn.Module, got list"):
+        pyflat.GGN([nn.Linear(4, 3)], data())
+
+
+def test_model_dtype_must_be_floating():
+    with pytest.raises(TypeError, match="the model must be float32 or float64, got torch.float16"):
+        pyflat.GGN(mlp().half(), data())
+
+
+def test_non_finite_parameter_is_named():
+    model = mlp()
+    with torch.no_grad():
+        model[2].bias[1] = float("inf")
+    with pytest.raises(ValueError, match="parameter '2.bias' holds NaN or inf"):
+        pyflat.GGN(model, data())
+
+
+# ---- data -------------------------------------------------------------------------------
+
+def test_data_must_be_a_pair():
+    X, y = data()
+    with pytest.raises(TypeError, match=r"data must be a pair \(X, y\) of tensors, got Tensor"):
+        pyflat.GGN(mlp(), X)
+
+
+def test_dtype_mismatch():
+    X, y = data()
+    with pytest.raises(TypeError, match="X must have the model's dtype torch.float64, got "
+                                        "torch.float32"):
+        pyflat.GGN(mlp(), (X.float(), y))
+
+
+def test_device_mismatch():
+    X, y = data()
+    with pytest.raises(ValueError, match="X and y must be on the model's device cpu, got meta"):
+        pyflat.GGN(mlp(), (X.to("meta"), y))
+
+
+def test_wrong_feature_count():
+    X, y = make_batch(8, 5, 3)
+    with pytest.raises(ValueError, match=r"the first Linear \('0'\) expects 4 features per "
+                                         r"sample, but X becomes \(8, 5\)"):
+        pyflat.Hessian(mlp(), (X, y))
+
+
+@pytest.mark.parametrize("bad, message", [(-1, "got -1"), (3, "got 3")])
+def test_labels_out_of_range(bad, message):
+    X, y = data()
+    y[5] = bad
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 3\), " + message):
+        pyflat.GGN(mlp(), (X, y))
+
+
+def test_soft_labels_refused():
+    X, y = data()
+    with pytest.raises(TypeError, match="y must hold integer class indices, got torch.float64"):
+        pyflat.GGN(mlp(), (X, y.double()))
+
+
+def test_label_shape():
+    X, y = data()
+    with pytest.raises(ValueError, match=r"y must have shape \(8,\) to match X, got \(8, 1\)"):
+        pyflat.GGN(mlp(), (X, y[:, None]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs(value):
+    X, y = data()
+    X[3, 1] = value
+    with pytest.raises(ValueError, match="X holds NaN or inf"):
+        pyflat.Hessian(mlp(), (X, y))
+
+
+def test_empty_batch():
+    X, y = data()
+    with pytest.raises(ValueError, match=r"X must be \(batch, features...\) with batch >= 1"):
+        pyflat.GGN(mlp(), (X[:0], y[:0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"reduction": "none"}, "reduction must be 'mean' or 'sum', got 'none'"),
+    ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pyflat.GGN(mlp(), data(), **kwargs)
+
+
+# ---- vectors ----------------------------------------------------------------------------
+
+def test_vector_of_wrong_length():
+    G = pyflat.GGN(mlp(), data())
+    P = G.shape[0]
+    with pytest.raises(ValueError, match=rf"GGN.matvec: expected a vector of shape \({P},\), "
+                                         rf"got \({P + 1},\)"):
+        G @ torch.zeros(P + 1, dtype=torch.float64)
+
+
+def test_block_of_wrong_rows():
+    H = pyflat.Hessian(mlp(), data())
+    P = H.shape[0]
+    with pytest.raises(ValueError, match=rf"Hessian.matmat: expected a block of shape \({P}, k\) "
+                                         rf"with k >= 1, got \({P - 1}, 2\)"):
+        H @ torch.zeros(P - 1, 2, dtype=torch.float64)
+
+
+def test_vector_dtype_mismatch():
+    G = pyflat.GGN(mlp(), data())
+    with pytest.raises(TypeError, match="expected dtype torch.float64, got torch.float32"):
+        G @ torch.zeros(G.shape[0])
+
+
+def test_vector_device_mismatch():
+    G = pyflat.GGN(mlp(), data())
+    with pytest.raises(ValueError, match="expected a tensor on cpu, got one on meta"):
+        G @ torch.zeros(G.shape[0], dtype=torch.float64, device="meta")
+
+
+def test_parameter_list_of_wrong_form():
+    model = mlp()
+    G = pyflat.GGN(model, data())
+    shapes = [p.shape for p in model.parameters()]
+    with pytest.raises(ValueError, match="expected 4 tensors \\(one per parameter\\), got 3"):
+        G.matvec([torch.zeros(s, dtype=torch.float64) for s in shapes[:3]])
+    wrong = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    wrong[1] = torch.zeros(7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"entry 1 must have shape \(6,\), got \(7,\)"):
+        G.matvec(wrong)
+
+
+# ---- ops (C++ checks) -------------------------------------------------------------------
+
+def op_args(model=None):
+    model = model or mlp()
+    spec = pyflat._model.parse_mlp(model, "test")
+    return spec.weights, spec.biases, spec.activations, spec.activation_params
+
+
+def test_op_weight_shape_is_checked():
+    X, y = data()
+    weights, biases, acts, params = op_args()
+    weights = [weights[0], weights[1][:, :5]]
+    with pytest.raises(RuntimeError, match=r"mlp_forward: weights\[1\] must be \[out, 6\], "
+                                           r"got \[3, 5\]"):
+        ops.mlp_forward(X, y, weights, biases, acts, params)
+
+
+def test_op_bias_shape_and_dtype_are_checked():
+    X, y = data()
+    weights, biases, acts, params = op_args()
+    with pytest.raises(RuntimeError, match=r"mlp_forward: biases\[0\] must be \[6\], got \[5\]"):
+        ops.mlp_forward(X, y, weights, [biases[0][:5], biases[1]], acts, params)
+    with pytest.raises(RuntimeError, match=r"biases\[1\] must have dtype Double like input; "
+                                           r"got Float"):
+        ops.mlp_forward(X, y, weights, [biases[0], biases[1].float()], acts, params)
+
+
+def test_op_activation_name_is_checked():
+    X, y = data()
+    weights, biases, _, params = op_args()
+    with pytest.raises(RuntimeError, match=r"mlp_forward: activations\[0\] must be one of "
+                                           r"identity, relu, .*; got 'swish'"):
+        ops.mlp_forward(X, y, weights, biases, ["swish", "identity"], params)
+
+
+def test_op_target_is_checked():
+    X, y = data()
+    weights, biases, acts, params = op_args()
+    y[2] = 7
+    with pytest.raises(RuntimeError, match=r"mlp_forward: target must hold class indices in "
+                                           r"\[0, 3\); got target\[2\] = 7"):
+        ops.mlp_forward(X, y, weights, biases, acts, params)
+    with pytest.raises(RuntimeError, match="target must hold class indices as int64, got Int"):
+        ops.mlp_forward(X, y.int(), weights, biases, acts, params)
+
+
+def test_op_reduction_and_params_are_checked():
+    X, y = data()
+    weights, biases, acts, params = op_args()
+    with pytest.raises(RuntimeError, match="mlp_forward: reduction must be 'mean' or 'sum'; "
+                                           "got 'max'"):
+        ops.mlp_forward(X, y, weights, biases, acts, params, reduction="max")
+    with pytest.raises(RuntimeError, match=r"activation_params must hold two numbers per layer "
+                                           r"\(4\), got 3"):
+        ops.mlp_forward(X, y, weights, biases, acts, params[:3])
+
+
+def test_op_input_is_checked():
+    X, y = data()
+    weights, biases, acts, params = op_args()
+    with pytest.raises(RuntimeError, match=r"mlp_forward: input must be 2-D \(batch, features\), "
+                                           r"got \[8, 4, 1\]"):
+        ops.mlp_forward(X[..., None], y, weights, biases, acts, params)
+
+
+def test_op_directions_and_prepared_lists_are_checked():
+    model = mlp()
+    X, y = data()
+    weights, biases, acts, params = op_args(model)
+    prepared = ops.mlp_forward(X, y, weights, biases, acts, params)
+    P = num_params(model)
+    with pytest.raises(RuntimeError, match=rf"mlp_ggn_matmat: directions must be \[k, {P}\] "
+                                           rf".*got \[2, {P + 1}\]"):
+        ops.mlp_ggn_matmat(X, weights, biases, acts, prepared,
+                           torch.zeros(2, P + 1, dtype=torch.float64))
+    broken = prepared._replace(hidden=[])
+    with pytest.raises(RuntimeError, match="mlp_hessian_matmat: hidden must hold 1 tensors for "
+                                           "these layers, got 0"):
+        ops.mlp_hessian_matmat(X, weights, biases, acts, broken,
+                               torch.zeros(2, P, dtype=torch.float64))
+    broken = prepared._replace(first_derivs=[prepared.first_derivs[0][:4]])
+    with pytest.raises(RuntimeError, match=r"first_derivs\[0\] must be \[8, 6\], got \[4, 6\]"):
+        ops.mlp_ggn_matmat(X, weights, biases, acts, broken,
+                           torch.zeros(2, P, dtype=torch.float64))
