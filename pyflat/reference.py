@@ -41,6 +41,8 @@ class CurvatureFunctions:
         hvp: exact Hessian product, forward-over-reverse (jvp of the gradient).
         hvp_double_backward: exact Hessian product by double backward, with the graph of
             the gradient built once and kept (PyHessian's formulation).
+        hvp_double_backward_rebuilt: the same with forward, gradient graph and double
+            backward run for every product, as most scripts write it.
         params: the parameters, detached, as a flat (P,) vector.
     """
 
@@ -92,6 +94,13 @@ class CurvatureFunctions:
         leaves, grads = self._graph
         hv = torch.autograd.grad(grads, leaves, grad_outputs=self.unflatten(v),
                                  retain_graph=True)
+        return self.flatten(hv)
+
+    def hvp_double_backward_rebuilt(self, v: torch.Tensor) -> torch.Tensor:
+        leaves = [p.clone().requires_grad_(True) for p in self.param_tuple]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self.loss(*leaves), leaves, create_graph=True)
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=self.unflatten(v))
         return self.flatten(hv)
 
     def linearized_ggn(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,1 @@
+"""pyflat's benchmarks: ratios against autograd baselines measured in the same run."""

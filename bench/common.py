@@ -1,0 +1,100 @@
+"""Shared pieces of the benchmarks: data, models, timing, machine description."""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def digits(batch: int, dtype=torch.float32):
+    """The first `batch` of scikit-learn's bundled 8x8 handwritten digits (1,797 samples),
+    pixels scaled to [0, 1]; a real data set that needs no download."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    if batch > len(data.target):
+        raise ValueError(f"batch must be at most {len(data.target)} (the digits data set), "
+                         f"got {batch}")
+    X = torch.tensor(data.data[:batch], dtype=dtype) / 16.0
+    y = torch.tensor(data.target[:batch], dtype=torch.long)
+    return X, y
+
+
+def mlp(widths: list[int], activation: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i + 2 < len(widths):
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def product_flops(widths: list[int], batch: int, exact: bool) -> int:
+    """GEMM FLOPs of one product with the forward cached: 2 GEMMs for the first layer
+    (a V^T and the weight gradient), 4 for the others under the GGN (plus Ra W^T and
+    Rg W), 6 under the exact Hessian (plus e^T Ra and e V)."""
+    total = 0
+    for l, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
+        gemms = 2 if l == 0 else (6 if exact else 4)
+        total += gemms * 2 * batch * d_in * d_out
+    return total
+
+
+def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: float = 1.0,
+                     max_rounds: int = 50, min_rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Times every method in interleaved rounds (one call of each per round), so that
+    drift of a shared machine hits all of them alike; returns median and quartiles."""
+    for fn in methods.values():  # warm-up: allocator, thread pool, lazy init
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (rounds < max_rounds and
+                                  time.perf_counter() - start < min_seconds):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    out = {}
+    for name, ts in samples.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out[name] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2],
+                     "rounds": len(ts)}
+    return out
+
+
+def matmul_ceiling(dtype=torch.float32, n: int = 2048) -> float:
+    """GFLOP/s of a large plain matmul in this process: the machine's practical ceiling."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    t = time_interleaved({"mm": lambda: a @ b}, min_seconds=1.0, max_rounds=10)["mm"]
+    return 2 * n ** 3 / t["median_s"] / 1e9
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,202 @@
+"""Products per second: pyflat against autograd, side by side in one process.
+
+    python -m bench.products                 # the three digits models, table + JSON
+    python -m bench.products --models mlp256 --k 16 --out bench/results
+
+For each model (float32, a batch of scikit-learn's digits) it times single products and
+blocks of k with pyflat, torch.func (GGN as jvp / loss Hessian / vjp; Hessian as
+forward-over-reverse, vmap for blocks), double-backward autograd (graph rebuilt per
+product, and kept as PyHessian does), the strongest torch.func formulation with the
+forward cached (linearize with a reused vjp), and the same recurrences as plain ATen
+calls from Python with the forward cached. Every method is checked once against the
+float64 reference before timing. Methods run in interleaved rounds; medians reported.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+import pyflat
+from pyflat import reference
+from pyflat.generic import GenericGGN, GenericHessian
+
+from .common import digits, machine, matmul_ceiling, mlp, product_flops, time_interleaved
+
+MODELS = {
+    "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),
+    "mlp256": ([64, 256, 256, 10], nn.ReLU, "MLP 64-256-256-10 (ReLU)"),
+    "mlp512": ([64, 512, 512, 512, 10], nn.Tanh, "MLP 64-512-512-512-10 (tanh)"),
+}
+
+# Speed-ups pyflat is built to reach on a 2-core CPU (the project's targets).
+TARGETS = {
+    ("ggn", 1, "torch.func"): {"logreg": 5.0, "mlp256": 2.25, "mlp512": 1.8},
+    ("hessian", 1, "torch.func"): {"logreg": 5.0, "mlp256": 2.5, "mlp512": 1.5},
+    ("hessian", 1, "double backward"): {"logreg": 4.0},
+    ("ggn", "k", "torch.func"): {"logreg": 1.0, "mlp256": 1.0, "mlp512": 1.0},
+    ("hessian", "k", "torch.func"): {"logreg": 1.0, "mlp256": 1.0, "mlp512": 1.0},
+}
+CHECK_TOL = 1e-3  # float32 products against the float64 reference: a broken method is off by O(1)
+
+
+def methods_for(model: nn.Module, data, k: int):
+    """{(product, k, label): fn(x) -> result} for every method on this model."""
+    f = reference.functions(model, data)
+    G, H = pyflat.GGN(model, data), pyflat.Hessian(model, data)
+    GG, GH = GenericGGN(model, data), GenericHessian(model, data)
+    lin_ggn, lin_hvp = f.linearized_ggn(), f.linearized_hvp()
+    block = lambda fn: vmap(fn, in_dims=1, out_dims=1)  # noqa: E731
+    return {
+        ("ggn", 1, "pyflat"): G.matvec,
+        ("ggn", 1, "torch.func"): f.ggn_vp,
+        ("ggn", 1, "torch.func linearized (forward cached)"): lin_ggn,
+        ("ggn", 1, "plain ATen (forward cached)"): GG.matvec,
+        ("hessian", 1, "pyflat"): H.matvec,
+        ("hessian", 1, "torch.func"): f.hvp,
+        ("hessian", 1, "double backward"): f.hvp_double_backward_rebuilt,
+        ("hessian", 1, "double backward, graph kept"): f.hvp_double_backward,
+        ("hessian", 1, "torch.func linearized (forward cached)"): lin_hvp,
+        ("hessian", 1, "plain ATen (forward cached)"): GH.matvec,
+        ("ggn", k, "pyflat"): G.matmat,
+        ("ggn", k, "torch.func"): block(f.ggn_vp),
+        ("ggn", k, "plain ATen (forward cached)"): GG.matmat,
+        ("hessian", k, "pyflat"): H.matmat,
+        ("hessian", k, "torch.func"): block(f.hvp),
+        ("hessian", k, "plain ATen (forward cached)"): GH.matmat,
+    }
+
+
+def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
+    widths, activation, title = MODELS[name]
+    model = mlp(widths, activation)
+    data = digits(batch)
+    P = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    V64 = torch.randn(P, k, generator=gen, dtype=torch.float64)
+    model64, data64 = copy.deepcopy(model).double(), (data[0].double(), data[1])
+    expected = {"ggn": reference.ggn_matmat(model64, data64, V64),
+                "hessian": reference.hessian_matmat(model64, data64, V64)}
+
+    methods = methods_for(model, data, k)
+    inputs = {1: V64[:, 0].float(), k: V64.float()}
+    rows, calls = [], {}
+    for key, fn in methods.items():
+        product, kk, label = key
+        result = fn(inputs[kk]).double()
+        want = expected[product][:, 0] if kk == 1 else expected[product]
+        error = ((result - want).abs().max() / want.abs().max()).item()
+        rows.append({"product": product, "k": kk, "method": label, "rel_error": error})
+        calls[key] = (lambda fn=fn, x=inputs[kk]: fn(x))
+    grad_time = _gradient_time(model, data, min_seconds)
+    timings = time_interleaved({str(key): fn for key, fn in calls.items()},
+                               min_seconds=min_seconds)
+    for row, key in zip(rows, calls):
+        t = timings[str(key)]
+        per_vector = t["median_s"] / row["k"]
+        flops = product_flops(widths, batch, row["product"] == "hessian") * row["k"]
+        row.update(ms_per_product=per_vector * 1e3, products_per_s=1.0 / per_vector,
+                   q1_ms=t["q1_s"] / row["k"] * 1e3, q3_ms=t["q3_s"] / row["k"] * 1e3,
+                   gflops=flops / t["median_s"] / 1e9, rounds=t["rounds"],
+                   gradients=per_vector / grad_time)
+    for row in rows:
+        ours = next(r for r in rows if r["product"] == row["product"] and r["k"] == row["k"]
+                    and r["method"] == "pyflat")
+        row["pyflat_speedup"] = row["ms_per_product"] / ours["ms_per_product"]
+    return {"model": name, "title": title, "widths": widths, "batch": batch, "params": P,
+            "gradient_ms": grad_time * 1e3, "rows": rows}
+
+
+def _gradient_time(model, data, min_seconds):
+    X, y = data
+    params = list(model.parameters())
+
+    def gradient():
+        torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params)
+
+    return time_interleaved({"g": gradient}, min_seconds=min_seconds / 2)["g"]["median_s"]
+
+
+def targets_report(results: list[dict], k: int) -> list[dict]:
+    report = []
+    for (product, kk, baseline), per_model in TARGETS.items():
+        kk = k if kk == "k" else kk
+        for res in results:
+            if res["model"] not in per_model:
+                continue
+            row = next(r for r in res["rows"] if r["product"] == product and r["k"] == kk
+                       and r["method"] == baseline)
+            report.append({"model": res["model"], "product": product, "k": kk,
+                           "baseline": baseline, "speedup": row["pyflat_speedup"],
+                           "target": per_model[res["model"]],
+                           "met": row["pyflat_speedup"] >= per_model[res["model"]]})
+    return report
+
+
+def markdown(results: list[dict], report: list[dict], info: dict, ceiling: float) -> str:
+    lines = ["# pyflat products benchmark", "",
+             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{info['date']}. float32, digits batch {results[0]['batch']}. "
+             f"Plain {2048}^3 matmul in this run: {ceiling:.0f} GFLOP/s.", ""]
+    for res in results:
+        lines += [f"## {res['title']} ({res['params']:,} parameters; a gradient takes "
+                  f"{res['gradient_ms']:.2f} ms)", "",
+                  "| product | k | method | ms / product | products/s | pyflat speed-up | "
+                  "gradients | GFLOP/s | rel. error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['product']} | {r['k']} | {r['method']} | {r['ms_per_product']:.3f} "
+                         f"| {r['products_per_s']:.0f} | {r['pyflat_speedup']:.2f}x | "
+                         f"{r['gradients']:.2f} | {r['gflops']:.1f} | {r['rel_error']:.1e} |")
+        lines.append("")
+    lines += ["## Targets", "", "| model | product | k | against | speed-up | target | |",
+              "|---|---|---|---|---|---|---|"]
+    for t in report:
+        lines.append(f"| {t['model']} | {t['product']} | {t['k']} | {t['baseline']} | "
+                     f"{t['speedup']:.2f}x | {t['target']}x | {'met' if t['met'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=16, help="directions per block")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="minimum timing time per model (more rounds, less noise)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="folder for products.json and products.md")
+    args = parser.parse_args(argv)
+    if args.k < 2:
+        parser.error(f"--k must be at least 2 (single products are always timed), got {args.k}")
+    torch.set_num_threads(args.threads)
+    info = machine()
+    ceiling = matmul_ceiling()
+    results = []
+    for name in args.models:
+        print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args.batch, args.k, args.seconds))
+    report = targets_report(results, args.k)
+    text = markdown(results, report, info, ceiling)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "products.md").write_text(text)
+    (args.out / "products.json").write_text(json.dumps(
+        {"machine": info, "matmul_gflops": ceiling, "results": results, "targets": report},
+        indent=2))
+    bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
+           for res in results for r in res["rows"] if not r["rel_error"] < CHECK_TOL]
+    for b in bad:
+        print(f"WRONG RESULT: {b}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
