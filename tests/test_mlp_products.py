@@ -145,3 +145,22 @@ def test_loss_matches_cross_entropy():
         G = pyflat.GGN(model, data, reduction=reduction)
         expected = reference.loss(model, data, reduction=reduction).item()
         assert abs(G.loss - expected) <= 1e-14 * abs(expected)
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_wide_blocks_are_split_under_the_memory_bound(product, monkeypatch):
+    model = make_mlp([5, 7, 6, 4], "tanh")
+    op = PRODUCTS[product][0](model, make_batch(9, 5, 4), weight_decay=0.01)
+    V = random_block(num_params(model), 7)
+    whole = op @ V
+    name = "mlp_ggn_matmat" if product == "ggn" else "mlp_hessian_matmat"
+    original, calls = getattr(pyflat.ops, name), []
+
+    def counting(*args):
+        calls.append(args[5].shape[0])  # directions (k, P)
+        return original(*args)
+
+    monkeypatch.setattr(pyflat.ops, name, counting)
+    monkeypatch.setattr(op, "block_memory_bytes", 1)  # one direction per call
+    torch.testing.assert_close(op @ V, whole, rtol=1e-14, atol=1e-16)
+    assert calls == [1] * 7
