@@ -8,8 +8,9 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
+from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvatureOperator", "GGN", "Hessian", "ops", "reference"]
+__all__ = ["CurvatureOperator", "GGN", "Hessian", "eigsh", "lanczos", "ops", "reference"]

@@ -1,0 +1,288 @@
+"""Lanczos with full reorthogonalization, and eigsh-style extreme eigenpairs.
+
+Works on anything with the linear-operator protocol (``shape``, ``dtype``, ``device`` and
+``@`` on (n,) vectors), a dense symmetric tensor included. The Krylov basis and the
+tridiagonal coefficients are float64 whatever the precision of the products, and every
+new vector is orthogonalized twice against the whole basis ("twice is enough",
+Parlett 1998), so no ghost copies of converged eigenvalues appear.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
+
+
+@dataclass
+class LanczosResult:
+    """A Lanczos run: A Q_m^T ~= Q_m^T T with T = tridiag(beta, alpha, beta).
+
+    Attributes:
+        alpha: (m,) float64 diagonal of T.
+        beta: (m,) float64; beta[j] couples steps j and j+1 (beta[-1] is the residual
+            norm of the last step, the factor of every Ritz residual bound). A zero
+            inside marks a breakdown after which the run continued from a fresh vector
+            orthogonal to the basis.
+        basis: (m, n) orthonormal rows (the Lanczos vectors), or None when not kept.
+        breakdowns: step indices after which an invariant subspace was found.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    basis: Optional[torch.Tensor]
+    breakdowns: list[int]
+
+    @property
+    def steps(self) -> int:
+        return self.alpha.numel()
+
+    def tridiagonal(self) -> torch.Tensor:
+        T = torch.diag(self.alpha)
+        off = self.beta[:-1]
+        return T + torch.diag(off, 1) + torch.diag(off, -1)
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ritz values (ascending), eigenvectors S of T, and residual bounds
+        |beta_m S[m-1, i]| = ||A x_i - theta_i x_i|| for unit Ritz vectors x_i."""
+        theta, S = torch.linalg.eigh(self.tridiagonal())
+        return theta, S, (self.beta[-1] * S[-1, :]).abs()
+
+
+def _check_operator(A, caller: str) -> int:
+    shape = getattr(A, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        raise TypeError(f"{caller}: A must be a square linear operator or tensor with .shape "
+                        f"(n, n), got {type(A).__name__} with shape {shape}")
+    if not hasattr(A, "dtype") or not hasattr(A, "device"):
+        raise TypeError(f"{caller}: A must have .dtype and .device (pyflat operators and "
+                        f"tensors do), got {type(A).__name__}")
+    return int(shape[0])
+
+
+def _generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
+    if generator is not None and seed is not None:
+        raise ValueError("give either seed or generator, not both")
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+
+
+class _Lanczos:
+    """The state of a Lanczos run that can be extended step by step."""
+
+    def __init__(self, A, n: int, v0: Optional[torch.Tensor], gen: torch.Generator,
+                 device: torch.device, capacity: int):
+        self.A, self.n, self.gen, self.device = A, n, gen, device
+        self.Q = torch.zeros(capacity, n, dtype=torch.float64, device=device)
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.breakdowns: list[int] = []
+        self.scale = 0.0  # running estimate of ||A|| for the breakdown test
+        self.exhausted = False
+        if v0 is None:
+            self.q = self._fresh_vector()
+        else:
+            if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
+                got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
+                raise ValueError(f"pyflat.lanczos: v0 must be a tensor of shape ({n},), got {got}")
+            q = v0.detach().to(dtype=torch.float64, device=device)
+            norm = torch.linalg.vector_norm(q)
+            if not torch.isfinite(norm) or norm == 0:
+                raise ValueError("pyflat.lanczos: v0 must be finite and non-zero")
+            self.q = q / norm
+
+    @property
+    def steps(self) -> int:
+        return len(self.alpha)
+
+    def _orthogonalize(self, w: torch.Tensor, j: int) -> torch.Tensor:
+        for _ in range(2):  # twice is enough
+            w = w - self.Q[:j].T @ (self.Q[:j] @ w)
+        return w
+
+    def _fresh_vector(self) -> Optional[torch.Tensor]:
+        """A random unit vector orthogonal to the basis, or None if it spans everything."""
+        for _ in range(3):
+            w = torch.randn(self.n, generator=self.gen, dtype=torch.float64).to(self.device)
+            w = self._orthogonalize(w, self.steps)
+            norm = torch.linalg.vector_norm(w)
+            if norm > 1e-8:
+                return w / norm
+        return None
+
+    def run(self, until: int) -> None:
+        if until > self.Q.shape[0]:  # grow the basis buffer
+            grown = torch.zeros(until, self.n, dtype=torch.float64, device=self.device)
+            grown[: self.steps] = self.Q[: self.steps]
+            self.Q = grown
+        while self.steps < until and not self.exhausted:
+            j = self.steps
+            q = self.q
+            self.Q[j] = q
+            w = self.A @ q.to(dtype=self.A.dtype, device=self.A.device)
+            w = w.to(dtype=torch.float64, device=self.device)
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"pyflat.lanczos: A @ q returned NaN or inf at step {j}")
+            a = float(torch.dot(q, w))
+            w = w - a * q
+            if j > 0:
+                w = w - self.beta[j - 1] * self.Q[j - 1]
+            w = self._orthogonalize(w, j + 1)
+            b = float(torch.linalg.vector_norm(w))
+            self.scale = max(self.scale, abs(a) + b + (self.beta[j - 1] if j else 0.0))
+            self.alpha.append(a)
+            if b <= 1e-10 * max(self.scale, 1e-300) or j + 1 == self.n:
+                # Invariant subspace: T decouples here; go on from a fresh vector.
+                self.beta.append(0.0)
+                if j + 1 < self.n:
+                    self.breakdowns.append(j)
+                fresh = self._fresh_vector() if j + 1 < self.n else None
+                if fresh is None:
+                    self.exhausted = True
+                else:
+                    self.q = fresh
+            else:
+                self.beta.append(b)
+                self.q = w / b
+
+    def result(self, keep_basis: bool = True) -> "LanczosResult":
+        m = self.steps
+        return LanczosResult(torch.tensor(self.alpha, dtype=torch.float64),
+                             torch.tensor(self.beta, dtype=torch.float64),
+                             self.Q[:m] if keep_basis else None, list(self.breakdowns))
+
+
+def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
+            seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+            keep_basis: bool = True,
+            basis_device: Union[str, torch.device, None] = None) -> LanczosResult:
+    """Runs ``num_steps`` Lanczos steps on the symmetric operator A.
+
+    Args:
+        A: symmetric linear operator (pyflat operator, reference operator, dense tensor).
+        num_steps: Krylov dimension m (at most n).
+        v0: start vector (n,); a Gaussian draw from ``seed``/``generator`` if None.
+        seed, generator: randomness for v0 and for fresh vectors after a breakdown.
+        keep_basis: return the basis (it is needed during the run for
+            reorthogonalization either way).
+        basis_device: where the float64 basis lives (default: A's device; "cpu" keeps a
+            GPU's memory free at the cost of transfers). It takes m x n x 8 bytes.
+
+    Returns:
+        LanczosResult with float64 coefficients; fewer than ``num_steps`` steps only when
+        the whole space is spanned.
+
+    Example:
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> res = pyflat.lanczos(A, 30, seed=0)
+        >>> theta, _, bounds = res.ritz()  # theta[-1] ~ 100, bounds[-1] tiny
+    """
+    n = _check_operator(A, "pyflat.lanczos")
+    if not isinstance(num_steps, int) or not 1 <= num_steps <= n:
+        raise ValueError(f"pyflat.lanczos: num_steps must be an int in [1, {n}], got "
+                         f"{num_steps!r}")
+    state = _start(A, n, v0, seed, generator, basis_device, num_steps)
+    state.run(num_steps)
+    return state.result(keep_basis)
+
+
+def _start(A, n, v0, seed, generator, basis_device, capacity) -> _Lanczos:
+    gen = _generator(seed, generator)
+    device = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
+    return _Lanczos(A, n, v0, gen, device, capacity)
+
+
+@dataclass
+class EigshResult:
+    """Extreme eigenpairs with their convergence evidence.
+
+    Attributes:
+        eigenvalues: (k,) float64, in the order scipy's eigsh returns them (ascending).
+        eigenvectors: (n, k) float64 unit Ritz vectors, or None.
+        residuals: (k,) bounds ||A x - theta x|| (|beta_m s_m|) per pair.
+        converged: whether every residual met the tolerance.
+        steps: Lanczos steps (products) used.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: Optional[torch.Tensor]
+    residuals: torch.Tensor
+    converged: bool
+    steps: int
+
+
+def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+    order = torch.argsort(theta)
+    if which == "LA":
+        idx = order[-k:]
+    elif which == "SA":
+        idx = order[:k]
+    elif which == "LM":
+        idx = torch.argsort(theta.abs())[-k:]
+    else:  # BE: half from each end, the extra one from the high end
+        high = (k + 1) // 2
+        idx = torch.cat([order[: k - high], order[len(order) - high:]])
+    return idx[torch.argsort(theta[idx])]
+
+
+def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
+          v0: Optional[torch.Tensor] = None, tol: float = 0.0, maxiter: Optional[int] = None,
+          return_eigenvectors: bool = True, *, seed: Optional[int] = None,
+          generator: Optional[torch.Generator] = None,
+          basis_device: Union[str, torch.device, None] = None) -> EigshResult:
+    """k extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
+
+    Named as scipy.sparse.linalg.eigsh: ``which`` is 'LA' (largest algebraic), 'SA'
+    (smallest algebraic: the Hessian's negative eigenvalues), 'LM' (largest magnitude) or
+    'BE' (both ends). The Krylov space grows from ``ncv`` steps until every requested pair
+    has a residual bound |beta_m s_m| <= tol * max(|theta|, ||T||) or ``maxiter`` steps
+    were taken; ``converged`` says which.
+
+    Args:
+        tol: relative tolerance; 0 means 100 x the unit roundoff of A's dtype (the
+            residual cannot drop much below the products' own error).
+        ncv: first Krylov dimension (default max(2k + 1, 20), at most n).
+        maxiter: most Lanczos steps (products) in all (default min(n, max(10 ncv, 200))).
+
+    Example:
+        >>> H = pyflat.Hessian(model, (X, y))
+        >>> res = pyflat.eigsh(H, k=5, which="LA", seed=0)
+        >>> res.eigenvalues, res.residuals
+    """
+    n = _check_operator(A, "pyflat.eigsh")
+    if which not in ("LA", "SA", "LM", "BE"):
+        raise ValueError(f"pyflat.eigsh: which must be 'LA', 'SA', 'LM' or 'BE', got {which!r}")
+    if not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"pyflat.eigsh: k must be an int in [1, {n}], got {k!r}")
+    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else ncv
+    if not isinstance(ncv, int) or not k <= ncv <= n:
+        raise ValueError(f"pyflat.eigsh: ncv must be an int in [k={k}, n={n}], got {ncv!r}")
+    maxiter = min(n, max(10 * ncv, 200)) if maxiter is None else maxiter
+    if not isinstance(maxiter, int) or maxiter < ncv:
+        raise ValueError(f"pyflat.eigsh: maxiter must be an int >= ncv={ncv}, got {maxiter!r}")
+    maxiter = min(maxiter, n)
+    if tol < 0 or not math.isfinite(tol):
+        raise ValueError(f"pyflat.eigsh: tol must be a finite number >= 0, got {tol!r}")
+    rtol = tol if tol > 0 else 100 * torch.finfo(A.dtype).eps
+
+    state = _start(A, n, v0, seed, generator, basis_device, ncv)
+    target = ncv
+    while True:
+        state.run(target)
+        res = state.result()
+        theta, S, bounds = res.ritz()
+        idx = _select(theta, min(k, res.steps), which)
+        norm_T = float(theta.abs().max())
+        limit = rtol * torch.clamp(theta[idx].abs(), min=norm_T * 1e-3)
+        converged = bool((bounds[idx] <= limit).all())
+        if converged or state.exhausted or res.steps >= maxiter:
+            break
+        target = min(maxiter, res.steps + max(ncv // 2, 10))
+    vectors = None
+    if return_eigenvectors:
+        vectors = res.basis.T @ S[:, idx].to(res.basis.device)
+    return EigshResult(theta[idx], vectors, bounds[idx], converged, res.steps)

@@ -1,0 +1,125 @@
+"""Lanczos and eigsh on dense matrices and on real curvature operators."""
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+import pyflat
+
+from conftest import make_batch, make_mlp
+
+
+def symmetric(eigenvalues, seed=0):
+    n = len(eigenvalues)
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
+def test_full_krylov_space_reproduces_eigvalsh():
+    gen = torch.Generator().manual_seed(1)
+    A = symmetric(torch.randn(80, generator=gen, dtype=torch.float64) * 3)
+    theta, _, _ = pyflat.lanczos(A, 80, seed=0).ritz()
+    torch.testing.assert_close(theta, torch.linalg.eigvalsh(A), rtol=0, atol=1e-10)
+
+
+def test_no_ghost_copies_of_separated_outliers():
+    """10 outliers above a bulk of 400: after 100 steps each outlier is one Ritz value,
+    where Lanczos without reorthogonalization repeats converged ones."""
+    gen = torch.Generator().manual_seed(2)
+    outliers = torch.linspace(20.0, 38.0, 10, dtype=torch.float64)
+    bulk = torch.rand(400, generator=gen, dtype=torch.float64)
+    A = symmetric(torch.cat([bulk, outliers]), seed=3)
+    theta, _, bounds = pyflat.lanczos(A, 100, seed=4).ritz()
+    for value in outliers:
+        near = (theta - value).abs() < 0.5
+        assert int(near.sum()) == 1, (value, theta[near])
+    assert int((theta > 1.5).sum()) == 10
+    torch.testing.assert_close(theta[-10:], outliers, rtol=0, atol=1e-10)
+    assert bounds[-10:].max() < 1e-8
+
+
+def test_ritz_residual_bounds_equal_true_residuals():
+    A = symmetric(torch.linspace(-2, 7, 50, dtype=torch.float64), seed=5)
+    res = pyflat.lanczos(A, 20, seed=6)
+    theta, S, bounds = res.ritz()
+    X = res.basis.T @ S
+    true = torch.linalg.vector_norm(A @ X - X * theta, dim=0)
+    torch.testing.assert_close(bounds, true, rtol=1e-6, atol=1e-12)
+
+
+def test_breakdown_on_low_rank_matrix_is_handled():
+    gen = torch.Generator().manual_seed(7)
+    B = torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    A = B @ B.T
+    res = pyflat.lanczos(A, 12, seed=8)
+    # Krylov space of a random v0: the range (dimension 4) plus v0's null-space part
+    assert res.breakdowns and res.breakdowns[0] == 4
+    theta = res.ritz()[0]
+    torch.testing.assert_close(theta[-4:], torch.linalg.eigvalsh(A)[-4:], rtol=1e-12, atol=0)
+    Q = res.basis
+    torch.testing.assert_close(Q @ Q.T, torch.eye(12, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM", "BE"])
+def test_eigsh_matches_scipy(which):
+    ev = torch.cat([torch.linspace(-9, -4, 5), torch.linspace(-1, 1, 190),
+                    torch.linspace(3, 12, 5)]).double()
+    A = symmetric(ev, seed=9)
+    res = pyflat.eigsh(A, k=4, which=which, seed=0)
+    expected = scipy.sparse.linalg.eigsh(A.numpy(), k=4, which=which, return_eigenvectors=False,
+                                         tol=1e-12)
+    assert res.converged
+    np.testing.assert_allclose(res.eigenvalues.numpy(), np.sort(expected), rtol=0, atol=1e-10)
+    vectors = res.eigenvectors
+    residual = torch.linalg.vector_norm(A @ vectors - vectors * res.eigenvalues, dim=0)
+    assert residual.max() < 1e-9
+
+
+def test_eigsh_on_a_real_hessian_finds_negative_eigenvalues():
+    model = make_mlp([6, 12, 4], "tanh", seed=10)
+    data = make_batch(40, 6, 4)
+    H = pyflat.Hessian(model, data)
+    dense = torch.linalg.eigvalsh(H.to_dense())
+    assert dense[0] < 0  # a Hessian away from a minimum is indefinite
+    low = pyflat.eigsh(H, k=3, which="SA", seed=1)
+    high = pyflat.eigsh(H, k=3, which="LA", seed=1)
+    assert low.converged and high.converged
+    torch.testing.assert_close(low.eigenvalues, dense[:3], rtol=0, atol=1e-10)
+    torch.testing.assert_close(high.eigenvalues, dense[-3:], rtol=0, atol=1e-10)
+
+
+def test_eigsh_on_float32_ggn_agrees_with_scipy_on_to_scipy():
+    model = make_mlp([8, 16, 5], "relu", dtype=torch.float32, seed=11)
+    data = make_batch(64, 8, 5, dtype=torch.float32)
+    G = pyflat.GGN(model, data)
+    res = pyflat.eigsh(G, k=3, seed=2)
+    ref = scipy.sparse.linalg.eigsh(G.to_scipy(), k=3, which="LA", return_eigenvectors=False)
+    assert res.converged
+    assert res.eigenvalues.dtype == torch.float64
+    np.testing.assert_allclose(res.eigenvalues.numpy(), np.sort(ref), rtol=1e-5)
+
+
+def test_same_seed_same_numbers():
+    A = symmetric(torch.linspace(0, 1, 30, dtype=torch.float64) ** 3, seed=12)
+    a = pyflat.lanczos(A, 10, seed=5)
+    b = pyflat.lanczos(A, 10, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.alpha, b.alpha) and torch.equal(a.beta, b.beta)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"which": "XX"}, "which must be 'LA', 'SA', 'LM' or 'BE', got 'XX'"),
+    ({"k": 0}, r"k must be an int in \[1, 10\], got 0"),
+    ({"k": 3, "ncv": 2}, r"ncv must be an int in \[k=3, n=10\], got 2"),
+    ({"v0": torch.ones(9)}, r"v0 must be a tensor of shape \(10,\), got \(9,\)"),
+    ({"tol": -1.0}, "tol must be a finite number >= 0, got -1.0"),
+])
+def test_eigsh_errors(kwargs, message):
+    A = torch.eye(10, dtype=torch.float64)
+    with pytest.raises(ValueError, match=message):
+        pyflat.eigsh(A, **kwargs)
+
+
+def test_lanczos_refuses_non_square():
+    with pytest.raises(TypeError, match=r"A must be a square linear operator"):
+        pyflat.lanczos(torch.zeros(3, 4), 2)
