@@ -10,7 +10,11 @@ from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
 from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian
+from .trace import Estimate, frobenius_norm, hutchinson_trace, hutchpp_trace
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvatureOperator", "GGN", "Hessian", "eigsh", "lanczos", "ops", "reference"]
+__all__ = [
+    "CurvatureOperator", "Estimate", "GGN", "Hessian", "eigsh", "frobenius_norm",
+    "hutchinson_trace", "hutchpp_trace", "lanczos", "ops", "reference",
+]
