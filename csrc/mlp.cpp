@@ -50,7 +50,7 @@ double loss_scale(const char* op, const std::string& reduction, int64_t batch) {
 
 struct Layer {
   at::Tensor weight;  // (out, in)
-  std::optional<at::Tensor> bias;  // (out,)
+  at::Tensor bias;    // (out,), undefined without bias
   Activation activation = Activation::Identity;
   int64_t in = 0;
   int64_t out = 0;
@@ -366,8 +366,8 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
   at::Tensor a = input_arg.contiguous();
   for (const auto l : c10::irange(L)) {
     const Layer& layer = net.layers[l];
-    at::Tensor z = layer.bias.has_value() ? at::addmm(*layer.bias, a, layer.weight.t())
-                                          : at::mm(a, layer.weight.t());
+    at::Tensor z = layer.bias.defined() ? at::addmm(layer.bias, a, layer.weight.t())
+                                        : at::mm(a, layer.weight.t());
     if (layer.first_index >= 0) {
       at::Tensor first = at::empty_like(z);
       if (with_hessian_terms && layer.curvature_index >= 0) seconds[l] = at::empty_like(z);

@@ -9,6 +9,8 @@ flattened and concatenated (P entries); blocks are (P, k).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable
 
 import torch
@@ -107,17 +109,28 @@ class CurvatureFunctions:
         """GGN product with the forward cached: ``torch.func.linearize`` for J v and one
         vjp closure reused for J^T u; the loss Hessian likewise linearized at the logits.
         The strongest autograd formulation of a GGN product."""
-        logits, jvp_fn = linearize(lambda *p: self.logits(*p), *self.param_tuple)
+        with _quiet_linearize():
+            logits, jvp_fn = linearize(lambda *p: self.logits(*p), *self.param_tuple)
+            _, loss_hvp = linearize(grad(self.cross_entropy), logits)
         _, vjp_fn = vjp(self.logits, *self.param_tuple)
-        _, loss_hvp = linearize(grad(self.cross_entropy), logits)
         return lambda v: self.flatten(vjp_fn(loss_hvp(jvp_fn(*self.unflatten(v)))))
 
     def linearized_hvp(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Exact Hessian product with the forward and backward cached: the gradient
         function linearized once (``torch.func.linearize``), then one jvp per product."""
         gradient = grad(self.loss, argnums=tuple(range(len(self.param_tuple))))
-        _, hvp_fn = linearize(gradient, *self.param_tuple)
+        with _quiet_linearize():
+            _, hvp_fn = linearize(gradient, *self.param_tuple)
         return lambda v: self.flatten(hvp_fn(*self.unflatten(v)))
+
+
+@contextlib.contextmanager
+def _quiet_linearize():
+    """torch.func.linearize's constant folding warns about an internal detail of its own
+    graph ("Attempted to insert a get_attr Node ..."); the results are unaffected."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+        yield
 
 
 def functions(model: nn.Module, data, reduction: str = "mean") -> CurvatureFunctions:
