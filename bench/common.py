@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import random
 import statistics
 import time
 from typing import Callable
@@ -48,19 +49,23 @@ def product_flops(widths: list[int], batch: int, exact: bool) -> int:
 
 def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: float = 1.0,
                      max_rounds: int = 50, min_rounds: int = 5) -> dict[str, dict[str, float]]:
-    """Times every method in interleaved rounds (one call of each per round), so that
-    drift of a shared machine hits all of them alike; returns median and quartiles."""
+    """Times every method in interleaved rounds (one call of each per round, in a
+    shuffled order), so that drift of a shared machine hits all of them alike; returns
+    median and quartiles."""
     for fn in methods.values():  # warm-up: allocator, thread pool, lazy init
         fn()
         fn()
     samples: dict[str, list[float]] = {name: [] for name in methods}
-    start = time.perf_counter()
+    order = list(methods)
+    shuffle = random.Random(0).shuffle  # a new order each round: no method always follows
+    start = time.perf_counter()         # the same (cache-cold) neighbour
     rounds = 0
     while rounds < min_rounds or (rounds < max_rounds and
                                   time.perf_counter() - start < min_seconds):
-        for name, fn in methods.items():
+        shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
-            fn()
+            methods[name]()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
     out = {}

@@ -174,6 +174,51 @@ T* data(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// GEMMs with a dimension of at most this many go to csrc/cpu/small_gemm_kernel.cpp.
+constexpr int64_t kSmallGemmDim = kSmallGemmPad;
+
+bool row_major(const at::Tensor& t) { return t.is_contiguous(); }
+bool col_major(const at::Tensor& t) { return t.t().is_contiguous(); }
+
+// c = a @ b, or c += a @ b when c is given; a and b are 2-D, each stored row-major or as
+// the transpose of a row-major matrix. Shapes with a small dimension in the layouts the
+// small-GEMM loops read take those loops; everything else goes to at::mm (BLAS).
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor c = at::Tensor()) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  const bool accumulate = c.defined();
+  enum class Path { Blas, SmallK, SmallN, SmallM } path = Path::Blas;
+  static const bool small_supported = cpu::small_gemm_supported();
+  if (small_supported && a.device().is_cpu() && (!accumulate || row_major(c))) {
+    if (k <= kSmallGemmDim && row_major(a) && row_major(b)) path = Path::SmallK;
+    else if (n <= kSmallGemmDim && row_major(a)) path = Path::SmallN;
+    else if (m <= kSmallGemmDim && col_major(a) && row_major(b)) path = Path::SmallM;
+  }
+  if (path == Path::Blas) {
+    if (!accumulate) return at::mm(a, b);
+    return c.addmm_(a, b);
+  }
+  if (!accumulate) c = at::empty({m, n}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyflat_small_gemm", [&] {
+    // small_gemm_m reads a^T row-major; small_gemm_n reads b padded to 16 columns
+    const at::Tensor a_rows = path == Path::SmallM ? a.t() : a;
+    at::Tensor b_rows = b;
+    if (path == Path::SmallN) {
+      b_rows = at::zeros({k, kSmallGemmPad}, b.options());
+      b_rows.narrow(1, 0, n).copy_(b);
+    }
+    SmallGemmParams<scalar_t> p{a_rows.data_ptr<scalar_t>(), b_rows.data_ptr<scalar_t>(),
+                                c.data_ptr<scalar_t>(), m, n, k, accumulate};
+    if (path == Path::SmallK) {
+      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_k(p, lo, hi); });
+    } else if (path == Path::SmallN) {
+      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_n(p, lo, hi); });
+    } else {
+      parallel_rows(n, m * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_m(p, lo, hi); });
+    }
+  });
+  return c;
+}
+
 // s applied in place on z; returns (s', s'') buffers as asked.
 void activation_forward(const Layer& layer, double param0, double param1, at::Tensor& z,
                         at::Tensor& first, at::Tensor& second) {
@@ -267,9 +312,9 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
     dir_weights[l] = directions.narrow(1, layer.weight_offset, layer.out * layer.in)
                          .reshape({k, layer.out, layer.in})
                          .contiguous();
-    at::Tensor rz = at::mm(layer_input(l), dir_weights[l].view({k * layer.out, layer.in}).t());
+    at::Tensor rz = gemm(layer_input(l), dir_weights[l].view({k * layer.out, layer.in}).t());
     if (l > 0) {
-      rz.view({B * k, layer.out}).addmm_(tangent.view({B * k, layer.in}), layer.weight.t());
+      gemm(tangent.view({B * k, layer.in}), layer.weight.t(), rz.view({B * k, layer.out}));
       if (exact) tangent_in[l] = tangent;
     }
     if (layer.bias_offset >= 0) {
@@ -306,11 +351,11 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
       activation_delta(first, curvature, pre_tangent[l], delta, B, k, layer.out);
     }
     const at::Tensor delta_flat = delta.view({B, k * layer.out});
-    at::Tensor grad_w = at::mm(delta_flat.t(), layer_input(l));  // (k*out, in)
+    at::Tensor grad_w = gemm(delta_flat.t(), layer_input(l));  // (k*out, in)
     const at::Tensor e = (exact && l > 0) ? deltas[l - 1].contiguous() : at::Tensor();
     if (e.defined()) {
       grad_w.view({k, layer.out, layer.in})
-          .add_(at::mm(e.t(), tangent_in[l].view({B, k * layer.in}))
+          .add_(gemm(e.t(), tangent_in[l].view({B, k * layer.in}))
                     .view({layer.out, k, layer.in})
                     .permute({1, 0, 2}));
     }
@@ -321,10 +366,10 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
           .copy_(delta_flat.sum(0).view({k, layer.out}));
     }
     if (l > 0) {
-      at::Tensor next = at::mm(delta.view({B * k, layer.out}), layer.weight);  // (B*k, in)
+      at::Tensor next = gemm(delta.view({B * k, layer.out}), layer.weight);  // (B*k, in)
       if (e.defined()) {
-        next.view({B, k * layer.in})
-            .addmm_(e, dir_weights[l].permute({1, 0, 2}).reshape({layer.out, k * layer.in}));
+        gemm(e, dir_weights[l].permute({1, 0, 2}).reshape({layer.out, k * layer.in}),
+               next.view({B, k * layer.in}));
       }
       delta = next;
     }
@@ -413,7 +458,7 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
         });
       }
       layer_deltas[l] = g;
-      if (l > 0) g = at::mm(g, layer.weight);
+      if (l > 0) g = gemm(g, layer.weight);
     }
     for (const auto l : c10::irange(1, L)) deltas.push_back(layer_deltas[l]);
     for (const auto l : c10::irange(L)) {

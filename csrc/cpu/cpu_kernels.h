@@ -27,5 +27,20 @@ void softmax_cross_entropy(const SoftmaxCrossEntropyParams<T>& p, int64_t begin,
 template <typename T>
 void softmax_hessian(const SoftmaxHessianParams<T>& p, int64_t begin, int64_t end);
 
+// Whether this CPU can run the small-GEMM loops (built for AVX2 + FMA on x86-64).
+bool small_gemm_supported();
+
+// GEMMs with one small dimension (at most 16; small_gemm_m relies on it); see
+// SmallGemmParams. The range is over rows of c for
+// small_gemm_k and small_gemm_n, over columns of c for small_gemm_m.
+template <typename T>
+void small_gemm_k(const SmallGemmParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void small_gemm_n(const SmallGemmParams<T>& p, int64_t begin, int64_t end);
+
+template <typename T>
+void small_gemm_m(const SmallGemmParams<T>& p, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace pyflat

@@ -110,11 +110,73 @@ void softmax_cross_entropy_and_hessian() {
   }
 }
 
+// The three small-GEMM loops against a naive triple loop in long double, on odd sizes
+// (remainders of every blocking), with and without accumulation, float and double.
+template <typename T>
+void small_gemms(double tol) {
+  if (!cpu::small_gemm_supported()) {
+    std::printf("small GEMM loops not supported on this CPU: the glue uses BLAS\n");
+    return;
+  }
+  std::mt19937_64 rng(11);
+  std::normal_distribution<double> normal;
+  const int64_t big = 37, mid = 45;
+  for (int64_t small : {1, 3, 10, 16}) {
+    for (int which = 0; which < 3; ++which) {
+      // which: 0 small k, 1 small n, 2 small m
+      const int64_t m = which == 2 ? small : big;
+      const int64_t n = which == 1 ? small : mid;
+      const int64_t k = which == 0 ? small : mid + 6;
+      std::vector<T> a(m * k), b(k * n), c0(m * n);
+      for (auto& x : a) x = static_cast<T>(normal(rng));
+      for (auto& x : b) x = static_cast<T>(normal(rng));
+      for (auto& x : c0) x = static_cast<T>(normal(rng));
+      for (bool accumulate : {false, true}) {
+        std::vector<T> c = c0;
+        std::vector<T> a_in = a, b_in = b;
+        if (which == 2) {  // small_gemm_m reads a^T (k x m)
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t t = 0; t < k; ++t) a_in[t * m + i] = a[i * k + t];
+        }
+        if (which == 1) {  // small_gemm_n reads b padded to kSmallGemmPad columns
+          b_in.assign(k * kSmallGemmPad, T(0));
+          for (int64_t t = 0; t < k; ++t)
+            for (int64_t j = 0; j < n; ++j) b_in[t * kSmallGemmPad + j] = b[t * n + j];
+        }
+        SmallGemmParams<T> p{a_in.data(), b_in.data(), c.data(), m, n, k, accumulate};
+        if (which == 0) cpu::small_gemm_k(p, 0, m);
+        if (which == 1) cpu::small_gemm_n(p, 0, m);
+        if (which == 2) {  // two column ranges, as two threads would take them
+          cpu::small_gemm_m(p, 0, n / 2);
+          cpu::small_gemm_m(p, n / 2, n);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) {
+            long double want = accumulate ? c0[i * n + j] : 0;
+            long double size = 0;
+            for (int64_t t = 0; t < k; ++t) {
+              want += (long double)a[i * k + t] * b[t * n + j];
+              size += std::fabs((long double)a[i * k + t] * b[t * n + j]);
+            }
+            char what[96];
+            std::snprintf(what, sizeof what, "small_gemm_%c (small=%lld, accumulate=%d)",
+                          "knm"[which], (long long)small, (int)accumulate);
+            expect(std::fabs((double)(c[i * n + j] - want)) <= tol * (double)(size + 1), what,
+                   c[i * n + j], (double)want);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   activation_derivatives();
   softmax_cross_entropy_and_hessian();
+  small_gemms<float>(1e-5);
+  small_gemms<double>(1e-13);
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
