@@ -19,6 +19,8 @@ namespace pyflat {
 namespace cpu {
 namespace {
 
+constexpr int64_t kSumBlock = 64;  // terms summed before joining the running total
+
 // A 32-byte vector of T (GCC/Clang vector extension: one AVX register on x86-64).
 template <typename T>
 struct Vec {
@@ -106,12 +108,19 @@ void small_gemm_n(const SmallGemmParams<T>& p, int64_t begin, int64_t end) {
     V acc[kRows][kParts] = {};
     const T* a[kRows];
     for (int64_t r = 0; r < kRows; ++r) a[r] = p.a + (i0 + (r < rows ? r : 0)) * p.k;
-    for (int64_t t = 0; t < p.k; ++t) {
-      V b[kParts];
-      for (int64_t q = 0; q < kParts; ++q) b[q] = load(p.b + t * kPad + q * W);
+    for (int64_t t0 = 0; t0 < p.k; t0 += kSumBlock) {  // two-level sum, as for small_gemm_m
+      const int64_t t1 = p.k - t0 < kSumBlock ? p.k : t0 + kSumBlock;
+      V part[kRows][kParts] = {};
+      for (int64_t t = t0; t < t1; ++t) {
+        V b[kParts];
+        for (int64_t q = 0; q < kParts; ++q) b[q] = load(p.b + t * kPad + q * W);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const V s = broadcast(a[r][t]);
+          for (int64_t q = 0; q < kParts; ++q) part[r][q] += s * b[q];
+        }
+      }
       for (int64_t r = 0; r < kRows; ++r) {
-        const V s = broadcast(a[r][t]);
-        for (int64_t q = 0; q < kParts; ++q) acc[r][q] += s * b[q];
+        for (int64_t q = 0; q < kParts; ++q) acc[r][q] += part[r][q];
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -136,12 +145,20 @@ void small_gemm_m(const SmallGemmParams<T>& p, int64_t begin, int64_t end) {
     for (int64_t i0 = 0; i0 < p.m; i0 += kRows) {
       const int64_t rows = p.m - i0 < kRows ? p.m - i0 : kRows;
       V acc[kRows] = {};
-      for (int64_t t = 0; t < p.k; ++t) {
-        const V bv = load(p.b + t * p.n + j);
-        const T* at = p.a + t * p.m + i0;
-        for (int64_t i = 0; i < kRows; ++i) {
-          if (i < rows) acc[i] += broadcast(at[i]) * bv;
+      // Two-level sum over the long dimension (the batch): blocks of kSumBlock terms,
+      // then the blocks, which keeps float32 rounding near BLAS's instead of growing
+      // with one chain of a thousand additions.
+      for (int64_t t0 = 0; t0 < p.k; t0 += kSumBlock) {
+        const int64_t t1 = p.k - t0 < kSumBlock ? p.k : t0 + kSumBlock;
+        V part[kRows] = {};
+        for (int64_t t = t0; t < t1; ++t) {
+          const V bv = load(p.b + t * p.n + j);
+          const T* at = p.a + t * p.m + i0;
+          for (int64_t i = 0; i < kRows; ++i) {
+            if (i < rows) part[i] += broadcast(at[i]) * bv;
+          }
         }
+        for (int64_t i = 0; i < kRows; ++i) acc[i] += part[i];
       }
       for (int64_t i = 0; i < rows; ++i) {
         T* c = p.c + (i0 + i) * p.n + j;
