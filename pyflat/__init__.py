@@ -9,12 +9,13 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
 from .lanczos import eigsh, lanczos
-from .operators import GGN, CurvatureOperator, Hessian
+from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
 from .trace import Estimate, frobenius_norm, hutchinson_trace, hutchpp_trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CurvatureOperator", "Estimate", "GGN", "Hessian", "eigsh", "frobenius_norm",
-    "hutchinson_trace", "hutchpp_trace", "lanczos", "ops", "reference",
+    "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
+    "Restricted",
 ]

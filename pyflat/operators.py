@@ -7,6 +7,7 @@ tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()]
 """
 from __future__ import annotations
 
+import abc
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -16,17 +17,23 @@ from torch import nn
 from . import ops
 from ._model import MLPSpec, parse_mlp
 
-__all__ = ["CurvatureOperator", "GGN", "Hessian"]
+__all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
 
 Vector = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-class CurvatureOperator:
+class CurvatureOperator(abc.ABC):
     """A symmetric P x P linear operator over a model's flattened parameters.
 
     Subclasses implement ``_matmat(V)`` for a (P, k) block V of their dtype and device;
-    this class validates inputs and provides the rest of the protocol.
+    this class validates inputs and provides the rest of the protocol: products on
+    vectors, blocks and parameter lists, scipy interop, a dense matrix for small P, and
+    algebra (``A + B``, ``A - B``, ``c * A``, ``A.restrict(...)``) whose results are
+    operators again.
     """
+
+    #: the parameters the flat layout runs over, when the operator knows them
+    parameters: Optional[list[torch.Tensor]] = None
 
     #: shapes of the parameters, for the parameter-list form of ``matvec``
     param_shapes: list[torch.Size]
@@ -50,8 +57,9 @@ class CurvatureOperator:
     def device(self) -> torch.device:
         return self._device
 
+    @abc.abstractmethod
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(P, k) -> (P, k) for V of the operator's dtype and device, already checked."""
 
     def _check_block(self, V: torch.Tensor, name: str) -> None:
         if not isinstance(V, torch.Tensor):
@@ -129,6 +137,121 @@ class CurvatureOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+    # ---- algebra ------------------------------------------------------------------------
+
+    def __add__(self, other: "CurvatureOperator") -> "LinearCombination":
+        return LinearCombination([(1.0, self), (1.0, other)])
+
+    def __sub__(self, other: "CurvatureOperator") -> "LinearCombination":
+        return LinearCombination([(1.0, self), (-1.0, other)])
+
+    def __mul__(self, scalar: float) -> "LinearCombination":
+        if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
+            return NotImplemented
+        return LinearCombination([(float(scalar), self)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "LinearCombination":
+        return LinearCombination([(-1.0, self)])
+
+    def restrict(self, which: Sequence[Union[int, torch.Tensor]]) -> "Restricted":
+        """The operator on a subset of the parameters (one layer, one block): the
+        principal submatrix A[S, S] for the parameters S, given by position in the
+        flat layout or, where the operator knows its parameters, as the tensors."""
+        return Restricted(self, which)
+
+
+class LinearCombination(CurvatureOperator):
+    """sum_i c_i A_i of operators over the same parameters, e.g. ``Hessian - GGN``.
+
+    Example:
+        >>> residual = pyflat.Hessian(model, data) - pyflat.GGN(model, data)
+        >>> pyflat.eigsh(residual, k=3, which="BE")
+    """
+
+    def __init__(self, terms: Sequence[tuple[float, CurvatureOperator]]):
+        flat: list[tuple[float, CurvatureOperator]] = []
+        for coef, op in terms:
+            if not isinstance(op, CurvatureOperator):
+                raise TypeError("operator algebra takes pyflat operators, got "
+                                f"{type(op).__name__}")
+            if isinstance(op, LinearCombination):
+                flat += [(coef * c, inner) for c, inner in op.terms]
+            else:
+                flat.append((coef, op))
+        first = flat[0][1]
+        for _, op in flat[1:]:
+            if op.param_shapes != first.param_shapes:
+                raise ValueError("operator algebra needs operators over the same parameters: "
+                                 f"{type(first).__name__} has shape {first.shape}, "
+                                 f"{type(op).__name__} has {op.shape} (parameter shapes differ)")
+            if op.dtype != first.dtype or op.device != first.device:
+                raise ValueError("operator algebra needs one dtype and device: "
+                                 f"{first.dtype} on {first.device} and {op.dtype} on {op.device}")
+        super().__init__(first.param_shapes, first.dtype, first.device)
+        self.terms = flat
+        self.parameters = first.parameters
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = None
+        for coef, op in self.terms:
+            part = op._matmat(V)
+            out = part.mul(coef) if out is None else out.add_(part, alpha=coef)
+        return out
+
+    def __repr__(self) -> str:
+        inner = " + ".join(f"{c:g} * {type(op).__name__}" for c, op in self.terms)
+        return f"LinearCombination({inner}, shape={self.shape})"
+
+
+class Restricted(CurvatureOperator):
+    """The principal submatrix A[S, S] of an operator for a subset S of its parameters.
+
+    A product embeds V into the full space (zeros elsewhere), applies A once and keeps the
+    rows of S, so it costs one full product.
+    """
+
+    def __init__(self, operator: CurvatureOperator, which: Sequence[Union[int, torch.Tensor]]):
+        which = list(which)
+        if not which:
+            raise ValueError("restrict: give at least one parameter")
+        positions = []
+        for item in which:
+            if isinstance(item, torch.Tensor):
+                if operator.parameters is None:
+                    raise TypeError(f"restrict: {type(operator).__name__} does not know its "
+                                    "parameters; give positions in the flat layout")
+                match = [i for i, p in enumerate(operator.parameters) if p is item]
+                if not match:
+                    raise ValueError(f"restrict: a tensor of shape {tuple(item.shape)} is not "
+                                     "one of the operator's parameters")
+                positions.append(match[0])
+            elif isinstance(item, int) and 0 <= item < len(operator.param_shapes):
+                positions.append(item)
+            else:
+                raise ValueError(f"restrict: parameters are given by position in [0, "
+                                 f"{len(operator.param_shapes)}) or as tensors, got {item!r}")
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"restrict: a parameter is named twice (positions {positions})")
+        positions.sort()
+        offsets = [0]
+        for shape in operator.param_shapes:
+            offsets.append(offsets[-1] + shape.numel())
+        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in positions])
+        super().__init__([operator.param_shapes[i] for i in positions], operator.dtype,
+                         operator.device)
+        self.operator = operator
+        self.positions = positions
+        self._rows = rows.to(operator.device)
+        if operator.parameters is not None:
+            self.parameters = [operator.parameters[i] for i in positions]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        full = V.new_zeros(self.operator.shape[0], V.shape[1])
+        full[self._rows] = V
+        return self.operator._matmat(full)[self._rows]
 
 
 def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int,
@@ -213,6 +336,7 @@ class _MLPCurvature(CurvatureOperator):
                              f"{spec.in_features} features per sample, but X becomes "
                              f"{tuple(X.shape)} before it")
         super().__init__([p.shape for p in spec.parameters], dtype, device)
+        self.parameters = list(spec.parameters)
         # Snapshot: the operator describes the model as it is now, even if training goes on.
         self._weights = [w.clone() for w in spec.weights]
         self._biases = [None if b is None else b.clone() for b in spec.biases]

@@ -203,6 +203,7 @@ class _ReferenceOperator(CurvatureOperator):
                  weight_decay: float = 0.0):
         params = list(model.parameters())
         super().__init__([p.shape for p in params], params[0].dtype, params[0].device)
+        self.parameters = params
         self._functions = functions(model, data, reduction)
         self.weight_decay = float(weight_decay)
 
