@@ -10,6 +10,7 @@ from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
 from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
+from .sharpness import SharpnessReport, sharpness
 from .spectral import SpectralDensity, exact_rank, slq
 from .trace import Estimate, frobenius_norm, hutchinson_trace, hutchpp_trace
 
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator", "Estimate", "GGN", "Hessian", "eigsh", "frobenius_norm",
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
-    "Restricted", "SpectralDensity", "exact_rank", "slq",
+    "Restricted", "SharpnessReport", "SpectralDensity", "exact_rank", "sharpness", "slq",
 ]
