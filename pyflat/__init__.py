@@ -12,12 +12,12 @@ from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
 from .sharpness import SharpnessReport, sharpness
 from .spectral import SpectralDensity, exact_rank, slq
-from .trace import Estimate, frobenius_norm, hutchinson_trace, hutchpp_trace
+from .trace import Estimate, adaptive_trace, frobenius_norm, hutchinson_trace, hutchpp_trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CurvatureOperator", "Estimate", "GGN", "Hessian", "eigsh", "frobenius_norm",
+    "CurvatureOperator", "Estimate", "adaptive_trace", "GGN", "Hessian", "eigsh", "frobenius_norm",
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
     "Restricted", "SharpnessReport", "SpectralDensity", "exact_rank", "sharpness", "slq",
 ]

@@ -245,7 +245,8 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
     Args:
         tol: relative tolerance; 0 means 100 x the unit roundoff of A's dtype (the
             residual cannot drop much below the products' own error).
-        ncv: first Krylov dimension (default max(2k + 1, 20), at most n).
+        ncv: Krylov dimension at the first convergence check (default max(2k + 1, 8), at
+            most n); the space then grows by ncv // 2 (at least 4) steps per check.
         maxiter: most Lanczos steps (products) in all (default min(n, max(10 ncv, 200))).
 
     Example:
@@ -258,7 +259,7 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
         raise ValueError(f"pyflat.eigsh: which must be 'LA', 'SA', 'LM' or 'BE', got {which!r}")
     if not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"pyflat.eigsh: k must be an int in [1, {n}], got {k!r}")
-    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else ncv
+    ncv = min(n, max(2 * k + 1, 8)) if ncv is None else ncv
     if not isinstance(ncv, int) or not k <= ncv <= n:
         raise ValueError(f"pyflat.eigsh: ncv must be an int in [k={k}, n={n}], got {ncv!r}")
     maxiter = min(n, max(10 * ncv, 200)) if maxiter is None else maxiter
@@ -281,7 +282,7 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
         converged = bool((bounds[idx] <= limit).all())
         if converged or state.exhausted or res.steps >= maxiter:
             break
-        target = min(maxiter, res.steps + max(ncv // 2, 10))
+        target = min(maxiter, res.steps + max(ncv // 2, 4))
     vectors = None
     if return_eigenvectors:
         vectors = res.basis.T @ S[:, idx].to(res.basis.device)

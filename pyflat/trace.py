@@ -14,7 +14,7 @@ import torch
 
 from .lanczos import _check_operator, _generator
 
-__all__ = ["Estimate", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
+__all__ = ["Estimate", "adaptive_trace", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Estimate:
     stderr: float
     products: int
     samples: torch.Tensor
+    converged: Optional[bool] = None  # for estimates run to a target error
 
     def __repr__(self) -> str:
         return f"Estimate({self.value:.6g} +- {self.stderr:.2g}, products={self.products})"
@@ -142,3 +143,47 @@ def frobenius_norm(A, num_probes: int = 100, distribution: str = "rademacher", *
     squared, stderr = _mean_and_stderr(samples)
     norm = math.sqrt(max(squared, 0.0))
     return Estimate(norm, stderr / (2 * norm) if norm > 0 else stderr, num_probes, samples)
+
+
+def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
+                   block_size: int = 16, max_products: int = 10_000,
+                   distribution: str = "rademacher", seed: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None) -> Estimate:
+    """The trace to a target relative standard error, with as few products as it needs.
+
+    Hutch++ with an open-ended second stage: a sketch Q = orth(A S) of
+    ``sketch_products`` probes whose part tr(Q^T A Q) is exact, then blocks of
+    ``block_size`` deflated Hutchinson probes until stderr <= rel_stderr * |estimate|
+    (at least two blocks) or ``max_products`` products were used; ``converged`` says
+    which.
+
+    Example:
+        >>> est = pyflat.adaptive_trace(pyflat.Hessian(model, (X, y)), 0.01, seed=0)
+        >>> est.value, est.stderr, est.products
+    """
+    n = _check_operator(A, "pyflat.adaptive_trace")
+    if not 0 < rel_stderr < 1:
+        raise ValueError(f"pyflat.adaptive_trace: rel_stderr must be in (0, 1), got "
+                         f"{rel_stderr!r}")
+    _check_count("sketch_products", sketch_products, 0, "pyflat.adaptive_trace")
+    _check_count("block_size", block_size, 2, "pyflat.adaptive_trace")
+    gen = _generator(seed, generator)
+    products = 0
+    sketch = 0.0
+    Q = torch.zeros(n, 0, dtype=torch.float64)
+    if sketch_products > 0:
+        S = _probes(n, sketch_products, distribution, gen)
+        Q, _ = torch.linalg.qr(_apply_blocks(A, S, None))
+        sketch = float((Q * _apply_blocks(A, Q, None)).sum())
+        products += 2 * sketch_products
+    samples = torch.zeros(0, dtype=torch.float64)
+    while True:
+        G = _probes(n, block_size, distribution, gen)
+        G = G - Q @ (Q.T @ G)
+        samples = torch.cat([samples, (G * _apply_blocks(A, G, None)).sum(0)])
+        products += block_size
+        rest, stderr = _mean_and_stderr(samples)
+        value = sketch + rest
+        done = samples.numel() >= 2 * block_size and stderr <= rel_stderr * abs(value)
+        if done or products + block_size > max_products:
+            return Estimate(value, stderr, products, samples, converged=done)

@@ -15,3 +15,18 @@ def test_products_benchmark_runs_and_checks_every_method(tmp_path):
     assert all(r["rel_error"] < products.CHECK_TOL for r in rows)
     assert all(r["ms_per_product"] > 0 for r in rows)
     assert "| logreg | ggn | 1 | torch.func |" in (tmp_path / "products.md").read_text()
+
+
+def test_spectral_benchmark_runs(tmp_path):
+    from bench import spectral
+
+    status = spectral.main(["--widths", "64", "16", "10", "--samples", "128", "--epochs", "20",
+                            "--max-products", "150", "--out", str(tmp_path)])
+    assert status == 0  # pyflat met every target
+    rows = json.loads((tmp_path / "spectral.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["top-1 eigenvalues, residual 1e-6",
+                                         "top-10 eigenvalues, residual 1e-6",
+                                         "trace to 1% standard error"]
+    top1 = rows[0]
+    if top1["baseline_converged"]:
+        assert top1["max_rel_difference"] < 1e-5

@@ -92,3 +92,22 @@ def test_float32_operator_gives_float64_samples():
 def test_estimator_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call(torch.eye(5, dtype=torch.float64))
+
+
+def test_adaptive_trace_meets_its_target_and_beats_plain_hutchinson():
+    A = symmetric(1.0 / torch.arange(1, 301, dtype=torch.float64), seed=11)
+    exact = float(torch.trace(A))
+    est = pyflat.adaptive_trace(A, 0.01, seed=0)
+    assert est.converged and est.stderr <= 0.01 * abs(est.value)
+    assert abs(est.value - exact) < 4 * est.stderr
+    plain = pyflat.hutchinson_trace(A, est.products, seed=0)
+    assert plain.stderr > est.stderr  # same products, larger error without the sketch
+
+
+def test_adaptive_trace_reports_a_budget_that_ran_out():
+    gen = torch.Generator().manual_seed(12)
+    A = symmetric(torch.randn(100, generator=gen, dtype=torch.float64), seed=13)
+    est = pyflat.adaptive_trace(A, 1e-4, max_products=80, seed=0)
+    assert est.converged is False and est.products <= 80
+    with pytest.raises(ValueError, match=r"rel_stderr must be in \(0, 1\), got 0"):
+        pyflat.adaptive_trace(A, 0)

@@ -95,14 +95,15 @@ void small_gemm_k(const SmallGemmParams<T>& p, int64_t begin, int64_t end) {
 
 // c[i, :n] (+)= sum_t a[i, t] b16[t, :n], n small: b16 is b padded to 16 columns, so a
 // row of c is 64 bytes of registers (two float vectors, four double ones); four rows at
-// a time give independent accumulator chains that hide FMA latency.
+// a time for float (two for double) give independent accumulator chains that hide FMA
+// latency without spilling registers.
 template <typename T>
 void small_gemm_n(const SmallGemmParams<T>& p, int64_t begin, int64_t end) {
   using V = typename Vec<T>::type;
   constexpr int64_t W = Vec<T>::lanes;
   constexpr int64_t kPad = kSmallGemmPad;
   constexpr int64_t kParts = kPad / W;  // vectors per padded row
-  constexpr int64_t kRows = 4;
+  constexpr int64_t kRows = 8 / kParts;   // 8 accumulator registers of the 16 AVX ones
   for (int64_t i0 = begin; i0 < end; i0 += kRows) {
     const int64_t rows = end - i0 < kRows ? end - i0 : kRows;
     V acc[kRows][kParts] = {};
