@@ -46,13 +46,17 @@ TARGETS = {
 CHECK_TOL = 1e-3  # float32 products against the float64 reference: a broken method is off by O(1)
 
 
+def block(fn):
+    """torch.func's way to a block of products: vmap over the columns."""
+    return vmap(fn, in_dims=1, out_dims=1)
+
+
 def methods_for(model: nn.Module, data, k: int):
     """{(product, k, label): fn(x) -> result} for every method on this model."""
     f = reference.functions(model, data)
     G, H = pyflat.GGN(model, data), pyflat.Hessian(model, data)
     GG, GH = GenericGGN(model, data), GenericHessian(model, data)
     lin_ggn, lin_hvp = f.linearized_ggn(), f.linearized_hvp()
-    block = lambda fn: vmap(fn, in_dims=1, out_dims=1)  # noqa: E731
     return {
         ("ggn", 1, "pyflat"): G.matvec,
         ("ggn", 1, "torch.func"): f.ggn_vp,

@@ -345,6 +345,7 @@ class _MLPCurvature(CurvatureOperator):
         self.reduction = reduction
         self.weight_decay = float(weight_decay)
         self.num_samples = X.shape[0]
+        self.num_classes = spec.num_classes
         self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
                                          self._activations, spec.activation_params, reduction,
                                          with_hessian_terms=self._exact)

@@ -126,7 +126,7 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
     Operator = Hessian if curvature == "hessian" else GGN
     ce_op = Operator(model, data)
     op = Operator(model, data, weight_decay=weight_decay) if with_l2 else ce_op
-    X, y = check_batch(data, ce_op.dtype, ce_op.device, model_classes(ce_op), "pyflat.sharpness")
+    X, y = check_batch(data, ce_op.dtype, ce_op.device, ce_op.num_classes, "pyflat.sharpness")
     with torch.no_grad():
         accuracy = float((model(X).argmax(1) == y).to(torch.float64).mean())
         theta = torch.cat([p.detach().reshape(-1) for p in ce_op.parameters]).to(torch.float64)
@@ -170,10 +170,6 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
         frobenius=fro.value, frobenius_stderr=fro.stderr,
         rank=rank,
         scaled=scaled, per_layer=layers, settings=settings)
-
-
-def model_classes(op) -> int:
-    return op._weights[-1].shape[0]
 
 
 def _per_layer(op, model: nn.Module, k_seed: int, trace_products: int) -> list[dict]:

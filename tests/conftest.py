@@ -53,6 +53,14 @@ def random_block(P, k, dtype=torch.float64, seed=2):
     return torch.randn(P, k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+def symmetric(eigenvalues, seed=0) -> torch.Tensor:
+    """A dense float64 symmetric matrix with the given eigenvalues, random eigenvectors."""
+    n = len(eigenvalues)
+    gen = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (0 if both vanish)."""
     scale = expected.abs().max().item()

@@ -6,14 +6,7 @@ import torch
 
 import pyflat
 
-from conftest import make_batch, make_mlp
-
-
-def symmetric(eigenvalues, seed=0):
-    n = len(eigenvalues)
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    return Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+from conftest import make_batch, make_mlp, symmetric
 
 
 def test_full_krylov_space_reproduces_eigvalsh():
