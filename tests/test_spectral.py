@@ -113,3 +113,21 @@ def test_slq_errors():
         pyflat.slq(A, 2, 5, basis_dtype=torch.float16)
     with pytest.raises(ValueError, match="convention must be 'papyan' or 'ghorbani'"):
         pyflat.slq(A, 2, 5, seed=0).density(convention="other")
+
+
+def test_quadrature_identity_and_hutchinson_on_a_real_ggn(digits_mlp):
+    model, data = digits_mlp
+    G = pyflat.GGN(model, data)
+    dense = G.to_dense()
+    gen = torch.Generator().manual_seed(3)
+    probes = torch.randn(G.shape[0], 3, generator=gen, dtype=torch.float64)
+    alpha, beta, lengths = _block_lanczos(G, probes, 40, True, torch.float64)
+    for j in range(3):
+        m = lengths[j]
+        T = torch.diag(alpha[:m, j]) + torch.diag(beta[: m - 1, j], 1) + \
+            torch.diag(beta[: m - 1, j], -1)
+        theta, S = torch.linalg.eigh(T)
+        q = probes[:, j] / probes[:, j].norm()
+        assert abs(float((S[0] ** 2 * theta).sum()) - float(q @ dense @ q)) < 1e-12
+    est = pyflat.hutchinson_trace(G, 300, seed=4)
+    assert abs(est.value - float(torch.trace(dense))) < 4 * est.stderr
