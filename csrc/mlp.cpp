@@ -180,24 +180,28 @@ constexpr int64_t kSmallGemmDim = kSmallGemmPad;
 bool row_major(const at::Tensor& t) { return t.is_contiguous(); }
 bool col_major(const at::Tensor& t) { return t.t().is_contiguous(); }
 
-// c = a @ b, or c += a @ b when c is given; a and b are 2-D, each stored row-major or as
-// the transpose of a row-major matrix. Shapes with a small dimension in the layouts the
-// small-GEMM loops read take those loops; everything else goes to at::mm (BLAS).
-at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor c = at::Tensor()) {
+enum class Into { Fresh, Overwrite, Add };
+
+// a @ b into a new tensor (Fresh), over c (Overwrite) or added to c (Add); a and b are 2-D,
+// each stored row-major or as the transpose of a row-major matrix, c row-major. Shapes
+// with a small dimension in the layouts the small-GEMM loops read take those loops;
+// everything else goes to BLAS through ATen.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fresh,
+                at::Tensor c = at::Tensor()) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  const bool accumulate = c.defined();
   enum class Path { Blas, SmallK, SmallN, SmallM } path = Path::Blas;
   static const bool small_supported = cpu::small_gemm_supported();
-  if (small_supported && a.device().is_cpu() && (!accumulate || row_major(c))) {
+  if (small_supported && a.device().is_cpu() && (into == Into::Fresh || row_major(c))) {
     if (k <= kSmallGemmDim && row_major(a) && row_major(b)) path = Path::SmallK;
     else if (n <= kSmallGemmDim && row_major(a)) path = Path::SmallN;
     else if (m <= kSmallGemmDim && col_major(a) && row_major(b)) path = Path::SmallM;
   }
   if (path == Path::Blas) {
-    if (!accumulate) return at::mm(a, b);
-    return c.addmm_(a, b);
+    if (into == Into::Fresh) return at::mm(a, b);
+    if (into == Into::Add) return c.addmm_(a, b);
+    return at::mm_out(c, a, b);
   }
-  if (!accumulate) c = at::empty({m, n}, a.options());
+  if (into == Into::Fresh) c = at::empty({m, n}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyflat_small_gemm", [&] {
     // small_gemm_m reads a^T row-major; small_gemm_n reads b padded to 16 columns
     const at::Tensor a_rows = path == Path::SmallM ? a.t() : a;
@@ -207,7 +211,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor c = at::Ten
       b_rows.narrow(1, 0, n).copy_(b);
     }
     SmallGemmParams<scalar_t> p{a_rows.data_ptr<scalar_t>(), b_rows.data_ptr<scalar_t>(),
-                                c.data_ptr<scalar_t>(), m, n, k, accumulate};
+                                c.data_ptr<scalar_t>(), m, n, k, into == Into::Add};
     if (path == Path::SmallK) {
       parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_k(p, lo, hi); });
     } else if (path == Path::SmallN) {
@@ -314,7 +318,8 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
                          .contiguous();
     at::Tensor rz = gemm(layer_input(l), dir_weights[l].view({k * layer.out, layer.in}).t());
     if (l > 0) {
-      gemm(tangent.view({B * k, layer.in}), layer.weight.t(), rz.view({B * k, layer.out}));
+      gemm(tangent.view({B * k, layer.in}), layer.weight.t(), Into::Add,
+           rz.view({B * k, layer.out}));
       if (exact) tangent_in[l] = tangent;
     }
     if (layer.bias_offset >= 0) {
@@ -351,25 +356,32 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
       activation_delta(first, curvature, pre_tangent[l], delta, B, k, layer.out);
     }
     const at::Tensor delta_flat = delta.view({B, k * layer.out});
-    at::Tensor grad_w = gemm(delta_flat.t(), layer_input(l));  // (k*out, in)
     const at::Tensor e = (exact && l > 0) ? deltas[l - 1].contiguous() : at::Tensor();
-    if (e.defined()) {
-      grad_w.view({k, layer.out, layer.in})
-          .add_(gemm(e.t(), tangent_in[l].view({B, k * layer.in}))
-                    .view({layer.out, k, layer.in})
-                    .permute({1, 0, 2}));
+    at::Tensor out_w = out.narrow(1, layer.weight_offset, layer.out * layer.in);
+    if (k == 1) {
+      // one direction: the weight block of `out` is a contiguous (out, in) matrix
+      at::Tensor grad_w = out_w.view({layer.out, layer.in});
+      gemm(delta_flat.t(), layer_input(l), Into::Overwrite, grad_w);
+      if (e.defined()) gemm(e.t(), tangent_in[l].view({B, layer.in}), Into::Add, grad_w);
+    } else {
+      at::Tensor grad_w = gemm(delta_flat.t(), layer_input(l));  // (k*out, in)
+      if (e.defined()) {
+        grad_w.view({k, layer.out, layer.in})
+            .add_(gemm(e.t(), tangent_in[l].view({B, k * layer.in}))
+                      .view({layer.out, k, layer.in})
+                      .permute({1, 0, 2}));
+      }
+      out_w.copy_(grad_w.view({k, layer.out * layer.in}));
     }
-    out.narrow(1, layer.weight_offset, layer.out * layer.in)
-        .copy_(grad_w.view({k, layer.out * layer.in}));
     if (layer.bias_offset >= 0) {
-      out.narrow(1, layer.bias_offset, layer.out)
-          .copy_(delta_flat.sum(0).view({k, layer.out}));
+      at::Tensor out_b = out.narrow(1, layer.bias_offset, layer.out);
+      at::sum_out(out_b, delta.view({B, k, layer.out}), {0});
     }
     if (l > 0) {
       at::Tensor next = gemm(delta.view({B * k, layer.out}), layer.weight);  // (B*k, in)
       if (e.defined()) {
-        gemm(e, dir_weights[l].permute({1, 0, 2}).reshape({layer.out, k * layer.in}),
-               next.view({B, k * layer.in}));
+        gemm(e, dir_weights[l].permute({1, 0, 2}).reshape({layer.out, k * layer.in}), Into::Add,
+             next.view({B, k * layer.in}));
       }
       delta = next;
     }

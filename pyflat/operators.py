@@ -351,28 +351,35 @@ class _MLPCurvature(CurvatureOperator):
                                          with_hessian_terms=self._exact)
         #: the cross-entropy (without the L2 term) at the prepared batch
         self.loss = float(self._prepared.loss)
+        # tangent memory per direction: (B, d_l) per layer, about 2 live copies for the
+        # GGN and 3 for the Hessian (it keeps Ra and, for curved activations, Rz)
+        widths = sum(w.shape[0] + w.shape[1] for w in self._weights)
+        self._bytes_per_direction = max(1, self.num_samples * widths * X.element_size() *
+                                        (3 if self._exact else 2))
 
     #: upper bound on the tangent memory of one product call; wider blocks are split
     block_memory_bytes: int = 1 << 30
 
     def _directions_per_call(self) -> int:
-        # per direction: (B, d_l) tangents per layer, about 2 live copies for the GGN and
-        # 3 for the Hessian (it keeps Ra and, for curved activations, Rz for the backward)
-        widths = sum(w.shape[0] + w.shape[1] for w in self._weights)
-        per_direction = self.num_samples * widths * self._input.element_size() * \
-            (3 if self._exact else 2)
-        return max(1, self.block_memory_bytes // max(1, per_direction))
+        return max(1, self.block_memory_bytes // self._bytes_per_direction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
-        product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
+        k = V.shape[1]
         chunk = self._directions_per_call()
-        parts = [product(self._input, self._weights, self._biases, self._activations,
-                         self._prepared, block.t(), self.reduction).t()
-                 for block in V.split(chunk, dim=1)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if k <= chunk:
+            out = self._product(V.t()).t()
+        else:
+            out = torch.cat([self._product(block.t()).t() for block in V.split(chunk, dim=1)],
+                            dim=1)
         if self.weight_decay:
             out = out.add(V, alpha=self.weight_decay)
         return out.contiguous()
+
+    def _product(self, directions: torch.Tensor) -> torch.Tensor:
+        """The op on a (k, P) block of directions (rows), returning (k, P)."""
+        product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
+        return product(self._input, self._weights, self._biases, self._activations,
+                       self._prepared, directions, self.reduction)
 
 
 class GGN(_MLPCurvature):
