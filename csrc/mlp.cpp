@@ -157,10 +157,12 @@ void check_prepared(const char* op, const char* list_name, at::TensorList list,
   }
 }
 
-// Split [0, rows) over threads; each chunk gets at least ~32k elements of work.
+// Split [0, rows) over threads; each chunk gets at least `min_work` elements of work,
+// so that small problems run inline instead of paying a thread wake-up.
 template <typename Fn>
-void parallel_rows(int64_t rows, int64_t elements_per_row, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+void parallel_rows(int64_t rows, int64_t elements_per_row, const Fn& fn,
+                   int64_t min_work = 32768) {
+  const int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(1, elements_per_row));
   at::parallel_for(0, rows, grain, fn);
 }
 
@@ -176,6 +178,9 @@ T* data(const at::Tensor& t) {
 
 // GEMMs with a dimension of at most this many go to csrc/cpu/small_gemm_kernel.cpp.
 constexpr int64_t kSmallGemmDim = kSmallGemmPad;
+// Multiply-adds per thread chunk of a small GEMM (about 20 us of work): below this, waking
+// a second thread costs more than it saves.
+constexpr int64_t kSmallGemmChunk = 1 << 20;
 
 bool row_major(const at::Tensor& t) { return t.is_contiguous(); }
 bool col_major(const at::Tensor& t) { return t.t().is_contiguous(); }
@@ -213,11 +218,14 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fres
     SmallGemmParams<scalar_t> p{a_rows.data_ptr<scalar_t>(), b_rows.data_ptr<scalar_t>(),
                                 c.data_ptr<scalar_t>(), m, n, k, into == Into::Add};
     if (path == Path::SmallK) {
-      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_k(p, lo, hi); });
+      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_k(p, lo, hi); },
+                    kSmallGemmChunk);
     } else if (path == Path::SmallN) {
-      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_n(p, lo, hi); });
+      parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_n(p, lo, hi); },
+                    kSmallGemmChunk);
     } else {
-      parallel_rows(n, m * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_m(p, lo, hi); });
+      parallel_rows(n, m * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_m(p, lo, hi); },
+                    kSmallGemmChunk);
     }
   });
   return c;
