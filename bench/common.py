@@ -47,11 +47,29 @@ def product_flops(widths: list[int], batch: int, exact: bool) -> int:
     return total
 
 
+def host_clock(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cuda_clock(fn: Callable[[], object]) -> float:
+    """Seconds of GPU time between two CUDA events around fn, synchronized."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: float = 1.0,
-                     max_rounds: int = 50, min_rounds: int = 5) -> dict[str, dict[str, float]]:
+                     max_rounds: int = 50, min_rounds: int = 5,
+                     clock: Callable[[Callable[[], object]], float] = host_clock
+                     ) -> dict[str, dict[str, float]]:
     """Times every method in interleaved rounds (one call of each per round, in a
     shuffled order), so that drift of a shared machine hits all of them alike; returns
-    median and quartiles."""
+    median and quartiles. ``clock`` times one call (host_clock, or cuda_clock on a GPU)."""
     for fn in methods.values():  # warm-up: allocator, thread pool, lazy init
         fn()
         fn()
@@ -64,9 +82,7 @@ def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: floa
                                   time.perf_counter() - start < min_seconds):
         shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
-            methods[name]()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock(methods[name]))
         rounds += 1
     out = {}
     for name, ts in samples.items():
@@ -76,11 +92,13 @@ def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: floa
     return out
 
 
-def matmul_ceiling(dtype=torch.float32, n: int = 2048) -> float:
+def matmul_ceiling(dtype=torch.float32, n: int = 2048, device: str = "cpu") -> float:
     """GFLOP/s of a large plain matmul in this process: the machine's practical ceiling."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    t = time_interleaved({"mm": lambda: a @ b}, min_seconds=1.0, max_rounds=10)["mm"]
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    clock = cuda_clock if device == "cuda" else host_clock
+    t = time_interleaved({"mm": lambda: a @ b}, min_seconds=1.0, max_rounds=20,
+                         clock=clock)["mm"]
     return 2 * n ** 3 / t["median_s"] / 1e9
 
 

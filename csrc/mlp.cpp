@@ -14,7 +14,16 @@
 
 #include <sstream>
 
+#include <c10/core/DeviceGuard.h>
+
 #include "cpu/cpu_kernels.h"
+
+#ifdef PYFLAT_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/cuda_kernels.h"
+#endif
 
 namespace pyflat {
 namespace {
@@ -166,10 +175,36 @@ void parallel_rows(int64_t rows, int64_t elements_per_row, const Fn& fn,
   at::parallel_for(0, rows, grain, fn);
 }
 
-void require_cpu(const char* op, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": this build has kernels for CPU tensors only; got ",
-              t.device());
+void check_device(const char* op, const at::Tensor& t) {
+#ifdef PYFLAT_WITH_CUDA
+  const bool ok = t.device().is_cpu() || t.device().is_cuda();
+#else
+  const bool ok = t.device().is_cpu();
+#endif
+  TORCH_CHECK(ok, op, ": this build of pyflat has kernels for CPU",
+#ifdef PYFLAT_WITH_CUDA
+              " and CUDA",
+#endif
+              " tensors; got tensors on ", t.device());
 }
+
+// Runs one fused piece where the tensors live: the CPU loop split over rows, or the CUDA
+// kernel on the current stream with its launch checked.
+#ifdef PYFLAT_WITH_CUDA
+#define PYFLAT_LAUNCH(like, rows, work_per_row, params, name)                              \
+  do {                                                                                     \
+    if ((like).is_cuda()) {                                                                \
+      C10_CUDA_CHECK(cuda::name(params,                                                    \
+                                c10::cuda::getCurrentCUDAStream((like).device().index())   \
+                                    .stream()));                                           \
+    } else {                                                                               \
+      parallel_rows(rows, work_per_row, [&](int64_t b, int64_t e) { cpu::name(params, b, e); }); \
+    }                                                                                      \
+  } while (0)
+#else
+#define PYFLAT_LAUNCH(like, rows, work_per_row, params, name) \
+  parallel_rows(rows, work_per_row, [&](int64_t b, int64_t e) { cpu::name(params, b, e); })
+#endif
 
 template <typename T>
 T* data(const at::Tensor& t) {
@@ -240,7 +275,7 @@ void activation_forward(const Layer& layer, double param0, double param1, at::Te
                                         z.size(0), z.size(1), layer.activation,
                                         static_cast<scalar_t>(param0),
                                         static_cast<scalar_t>(param1)};
-    parallel_rows(p.rows, p.cols, [&](int64_t b, int64_t e) { cpu::activation_forward(p, b, e); });
+    PYFLAT_LAUNCH(z, p.rows, p.cols, p, activation_forward);
   });
 }
 
@@ -250,8 +285,7 @@ void activation_tangent(const at::Tensor& first, const at::Tensor& tangent, at::
   AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_activation_tangent", [&] {
     ActivationTangentParams<scalar_t> p{data<scalar_t>(first), data<scalar_t>(tangent),
                                         data<scalar_t>(out), first.size(0), k, first.size(1)};
-    parallel_rows(p.batch, p.k * p.cols,
-                  [&](int64_t b, int64_t e) { cpu::activation_tangent(p, b, e); });
+    PYFLAT_LAUNCH(tangent, p.batch, p.k * p.cols, p, activation_tangent);
   });
 }
 
@@ -263,7 +297,7 @@ void activation_delta(const at::Tensor& first, const at::Tensor& curvature,
     ActivationDeltaParams<scalar_t> p{data<scalar_t>(first), data<scalar_t>(curvature),
                                       data<scalar_t>(tangent_in), data<scalar_t>(delta),
                                       batch, k, cols};
-    parallel_rows(batch, k * cols, [&](int64_t b, int64_t e) { cpu::activation_delta(p, b, e); });
+    PYFLAT_LAUNCH(delta, batch, k * cols, p, activation_delta);
   });
 }
 
@@ -280,7 +314,8 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
   const int64_t B = net.batch;
   const int64_t L = static_cast<int64_t>(net.layers.size());
   const double scale = loss_scale(op, reduction, B);
-  require_cpu(op, input_arg);
+  check_device(op, input_arg);
+  const c10::OptionalDeviceGuard device_guard(input_arg.device());
 
   check_shape(op, "probs", probs_arg, {B, net.classes});
   check_like(op, "probs", probs_arg, input_arg);
@@ -349,7 +384,7 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
   AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_softmax_hessian", [&] {
     SoftmaxHessianParams<scalar_t> p{data<scalar_t>(probs), data<scalar_t>(tangent), B, k,
                                      net.classes, static_cast<scalar_t>(scale)};
-    parallel_rows(B, k * net.classes, [&](int64_t b, int64_t e) { cpu::softmax_hessian(p, b, e); });
+    PYFLAT_LAUNCH(tangent, B, k * net.classes, p, softmax_hessian);
   });
 
   // Backward: Re_l = s'_l * Rg_l (+ s''_l g_l * Rz_l), grad V_l = Re_l^T a_{l-1}
@@ -409,7 +444,8 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
   const int64_t B = net.batch;
   const int64_t L = static_cast<int64_t>(net.layers.size());
   const double scale = loss_scale(op, reduction, B);
-  require_cpu(op, input_arg);
+  check_device(op, input_arg);
+  const c10::OptionalDeviceGuard device_guard(input_arg.device());
   TORCH_CHECK(activation_params.size() == 2 * weights.size(), op,
               ": activation_params must hold two numbers per layer (", 2 * weights.size(),
               "), got ", activation_params.size());
@@ -419,12 +455,17 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
   TORCH_CHECK(target.device() == input_arg.device(), op, ": target must be on ",
               input_arg.device(), " like input; got ", target.device());
   const at::Tensor labels = target.contiguous();
-  {
+  if (labels.is_cpu()) {
     const int64_t* y = labels.data_ptr<int64_t>();
     for (const auto n : c10::irange(B)) {
       TORCH_CHECK(y[n] >= 0 && y[n] < net.classes, op, ": target must hold class indices in [0, ",
                   net.classes, "); got target[", n, "] = ", y[n]);
     }
+  } else {  // one reduction and one synchronization, before any kernel reads the labels
+    const auto [low, high] = at::aminmax(labels);
+    const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < net.classes, op, ": target must hold class indices in [0, ",
+                net.classes, "); got values from ", lo, " to ", hi);
   }
 
   std::vector<at::Tensor> hidden, firsts, seconds(L), deltas, curvatures;
@@ -452,12 +493,12 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
                                           data<scalar_t>(probs), data<scalar_t>(grad),
                                           row_loss.data_ptr<double>(), B, net.classes,
                                           static_cast<scalar_t>(scale)};
-    parallel_rows(B, net.classes,
-                  [&](int64_t b, int64_t e) { cpu::softmax_cross_entropy(p, b, e); });
+    PYFLAT_LAUNCH(a, B, net.classes, p, softmax_cross_entropy);
   });
   // Sequential float64 sum: the same bits whatever the thread count.
   double total = 0.0;
-  const double* row = row_loss.data_ptr<double>();
+  const at::Tensor row_host = row_loss.cpu();
+  const double* row = row_host.data_ptr<double>();
   for (const auto n : c10::irange(B)) total += row[n];
   const at::Tensor loss = at::scalar_tensor(total * scale, a.options());
 
@@ -473,8 +514,7 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
           ActivationBackwardParams<scalar_t> p{data<scalar_t>(g), data<scalar_t>(firsts[layer.first_index]),
                                                data<scalar_t>(seconds[l]), data<scalar_t>(g), B,
                                                layer.out};
-          parallel_rows(B, layer.out,
-                        [&](int64_t b, int64_t e) { cpu::activation_backward(p, b, e); });
+          PYFLAT_LAUNCH(g, B, layer.out, p, activation_backward);
         });
       }
       layer_deltas[l] = g;

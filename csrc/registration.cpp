@@ -37,3 +37,12 @@ TORCH_LIBRARY_IMPL(pyflat, CPU, m) {
   m.impl("mlp_ggn_matmat", &pyflat::mlp_ggn_matmat);
   m.impl("mlp_hessian_matmat", &pyflat::mlp_hessian_matmat);
 }
+
+#ifdef PYFLAT_WITH_CUDA
+// The same glue: GEMMs through ATen (cuBLAS), the fused pieces from csrc/cuda.
+TORCH_LIBRARY_IMPL(pyflat, CUDA, m) {
+  m.impl("mlp_forward", &pyflat::mlp_forward);
+  m.impl("mlp_ggn_matmat", &pyflat::mlp_ggn_matmat);
+  m.impl("mlp_hessian_matmat", &pyflat::mlp_hessian_matmat);
+}
+#endif

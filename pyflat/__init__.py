@@ -10,6 +10,7 @@ from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
 from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
+from .precision import get_allow_tf32, set_allow_tf32
 from .sharpness import SharpnessReport, sharpness
 from .spectral import SpectralDensity, exact_rank, slq
 from .trace import Estimate, adaptive_trace, frobenius_norm, hutchinson_trace, hutchpp_trace
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator", "Estimate", "adaptive_trace", "GGN", "Hessian", "eigsh", "frobenius_norm",
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
-    "Restricted", "SharpnessReport", "SpectralDensity", "exact_rank", "sharpness", "slq",
+    "Restricted", "SharpnessReport", "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
 ]

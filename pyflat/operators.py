@@ -16,6 +16,7 @@ from torch import nn
 
 from . import ops
 from ._model import MLPSpec, parse_mlp
+from .precision import full_precision
 
 __all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
 
@@ -343,12 +344,13 @@ class _MLPCurvature(CurvatureOperator):
         self._activations = list(spec.activations)
         self._input = X.contiguous()
         self.reduction = reduction
+        with full_precision(device):
+            self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
+                                             self._activations, spec.activation_params,
+                                             reduction, with_hessian_terms=self._exact)
         self.weight_decay = float(weight_decay)
         self.num_samples = X.shape[0]
         self.num_classes = spec.num_classes
-        self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
-                                         self._activations, spec.activation_params, reduction,
-                                         with_hessian_terms=self._exact)
         #: the cross-entropy (without the L2 term) at the prepared batch
         self.loss = float(self._prepared.loss)
         # tangent memory per direction: (B, d_l) per layer, about 2 live copies for the
@@ -378,8 +380,12 @@ class _MLPCurvature(CurvatureOperator):
     def _product(self, directions: torch.Tensor) -> torch.Tensor:
         """The op on a (k, P) block of directions (rows), returning (k, P)."""
         product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
-        return product(self._input, self._weights, self._biases, self._activations,
-                       self._prepared, directions, self.reduction)
+        if self._device.type == "cpu":
+            return product(self._input, self._weights, self._biases, self._activations,
+                           self._prepared, directions, self.reduction)
+        with full_precision(self._device):
+            return product(self._input, self._weights, self._biases, self._activations,
+                           self._prepared, directions, self.reduction)
 
 
 class GGN(_MLPCurvature):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
 from .operators import CurvatureOperator
+from .precision import full_precision
 
 __all__ = [
     "CurvatureFunctions",
@@ -139,10 +140,12 @@ def functions(model: nn.Module, data, reduction: str = "mean") -> CurvatureFunct
 
 
 def _apply(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch.Tensor:
-    """fn on a (P,) vector, or on every column of a (P, k) block under vmap."""
-    if V.dim() == 1:
-        return fn(V)
-    return vmap(fn, in_dims=1, out_dims=1)(V)
+    """fn on a (P,) vector, or on every column of a (P, k) block under vmap; on a GPU
+    without TF32 unless pyflat allows it."""
+    with full_precision(V.device):
+        if V.dim() == 1:
+            return fn(V)
+        return vmap(fn, in_dims=1, out_dims=1)(V)
 
 
 def loss(model: nn.Module, data, reduction: str = "mean") -> torch.Tensor:
@@ -171,8 +174,9 @@ def hessian_matmat_double_backward(model: nn.Module, data, V: torch.Tensor, *,
                                    weight_decay: float = 0.0) -> torch.Tensor:
     """(H + mu I) V by double backward (torch.autograd.grad twice), column by column."""
     fns = functions(model, data, reduction)
-    out = (fns.hvp_double_backward(V) if V.dim() == 1 else
-           torch.stack([fns.hvp_double_backward(V[:, j]) for j in range(V.shape[1])], 1))
+    with full_precision(V.device):
+        out = (fns.hvp_double_backward(V) if V.dim() == 1 else
+               torch.stack([fns.hvp_double_backward(V[:, j]) for j in range(V.shape[1])], 1))
     return out + weight_decay * V if weight_decay else out
 
 

@@ -1,0 +1,111 @@
+"""The CUDA path of the engine: fused kernels against the generic ATen path, the CPU
+engine and the autograd reference. Skipped without a GPU; bench/gpu_check.sh runs them on
+the GPU machine."""
+import pytest
+import torch
+
+import pyflat
+from pyflat import reference
+from pyflat.generic import GenericGGN, GenericHessian
+
+from conftest import (ACTIVATION_MODULES, make_batch, make_mlp, num_params, random_block,
+                      relative_error)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU (bench/gpu_check.sh runs these on one)"),
+]
+
+PRODUCTS = {"ggn": (pyflat.GGN, GenericGGN, reference.ggn_matmat),
+            "hessian": (pyflat.Hessian, GenericHessian, reference.hessian_matmat)}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def on_cuda(model, data):
+    return model.cuda(), (data[0].cuda(), data[1].cuda())
+
+
+def test_cuda_kernels_are_registered():
+    for op in ("mlp_forward", "mlp_ggn_matmat", "mlp_hessian_matmat"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyflat::{op}", "CUDA")
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("k", [1, 16])
+@pytest.mark.parametrize("width", [1, 7, 33])
+@pytest.mark.parametrize("activation", list(ACTIVATION_MODULES))
+def test_float64_fused_generic_reference_and_cpu_agree(activation, width, k, product):
+    fused, generic, ref = PRODUCTS[product]
+    model = make_mlp([5, width, 6, 4], activation, seed=width)
+    data = make_batch(37, 5, 4)
+    V = random_block(num_params(model), k)
+    on_cpu = fused(model, data, weight_decay=0.01) @ V
+    model, data = on_cuda(model, data)
+    Vc = V.cuda()
+    out = fused(model, data, weight_decay=0.01) @ Vc
+    assert out.device.type == "cuda"
+    assert relative_error(out.cpu(), on_cpu) < 1e-10
+    assert relative_error(out, generic(model, data, weight_decay=0.01) @ Vc) < 1e-10
+    assert relative_error(out, ref(model, data, Vc, weight_decay=0.01)) < 1e-10
+
+
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("k", [1, 16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float32_within_autograd_error(product, k, reduction):
+    fused, _, ref = PRODUCTS[product]
+    model64 = make_mlp([20, 129, 65, 10], "gelu", seed=3)
+    data64 = make_batch(257, 20, 10)
+    V = random_block(num_params(model64), k)
+    exact = ref(model64, data64, V, reduction=reduction)
+    model, data = on_cuda(make_mlp([20, 129, 65, 10], "gelu", seed=3, dtype=torch.float32),
+                          (data64[0].float(), data64[1]))
+    Vc = V.float().cuda()
+    ours = fused(model, data, reduction=reduction) @ Vc
+    autograd = ref(model, data, Vc, reduction=reduction)
+    err, err_ref = relative_error(ours.double().cpu(), exact), \
+        relative_error(autograd.double().cpu(), exact)
+    assert err <= 4 * max(err_ref, 8 * torch.finfo(torch.float32).eps), (err, err_ref)
+
+
+def test_many_classes_and_large_batch():
+    model, data = on_cuda(make_mlp([16, 40, 1000], "relu", seed=4, dtype=torch.float64),
+                          make_batch(513, 16, 1000))
+    V = random_block(num_params(model), 3).cuda()
+    for fused, _, ref in PRODUCTS.values():
+        assert relative_error(fused(model, data) @ V, ref(model, data, V)) < 1e-10
+
+
+def test_products_are_bitwise_reproducible():
+    model, data = on_cuda(make_mlp([30, 64, 64, 10], "tanh", dtype=torch.float32),
+                          make_batch(300, 30, 10, dtype=torch.float32))
+    V = random_block(num_params(model), 16, dtype=torch.float32).cuda()
+    H = pyflat.Hessian(model, data)
+    first = H @ V
+    assert torch.equal(first, H @ V)
+    assert torch.equal(first, pyflat.Hessian(model, data) @ V)
+
+
+def test_data_on_another_device_is_refused():
+    model = make_mlp([4, 6, 3], "tanh").cuda()
+    with pytest.raises(ValueError, match="X and y must be on the model's device cuda:0, got cpu"):
+        pyflat.GGN(model, make_batch(8, 4, 3))
+
+
+def test_labels_out_of_range_on_the_device():
+    model = make_mlp([4, 6, 3], "tanh").cuda()
+    X, y = make_batch(8, 4, 3)
+    spec = pyflat._model.parse_mlp(model, "test")
+    y[0], y[3] = 0, 5
+    with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, 3\); "
+                                           r"got values from 0 to 5"):
+        pyflat.ops.mlp_forward(X.cuda(), y.cuda(), spec.weights, spec.biases, spec.activations,
+                               spec.activation_params)
