@@ -13,6 +13,7 @@ from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restr
 from .precision import get_allow_tf32, set_allow_tf32
 from .sharpness import SharpnessReport, sharpness
 from .spectral import SpectralDensity, exact_rank, slq
+from .validate import ValidationReport, validate
 from .trace import Estimate, adaptive_trace, frobenius_norm, hutchinson_trace, hutchpp_trace
 
 __version__ = "0.1.0"
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator", "Estimate", "adaptive_trace", "GGN", "Hessian", "eigsh", "frobenius_norm",
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
-    "Restricted", "SharpnessReport", "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
+    "Restricted", "SharpnessReport", "ValidationReport", "validate", "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
 ]

@@ -8,6 +8,7 @@ tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()]
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -255,9 +256,10 @@ class Restricted(CurvatureOperator):
         return self.operator._matmat(full)[self._rows]
 
 
-def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int,
+def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: Optional[int],
                 caller: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validates a batch ``(X, y)`` for a model of the given dtype, device and classes."""
+    """Validates a batch ``(X, y)`` for a model of the given dtype, device and classes
+    (the label range is checked when ``num_classes`` is given)."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, got "
                         f"{type(data).__name__}")
@@ -281,11 +283,16 @@ def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int
                          f"{tuple(y.shape)}")
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{caller}: X holds NaN or inf")
+    if num_classes is not None:
+        check_labels(y, num_classes, caller)
+    return X, y.long()
+
+
+def check_labels(y: torch.Tensor, num_classes: int, caller: str) -> None:
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise ValueError(f"{caller}: y must hold class indices in [0, {num_classes}), got {bad}")
-    return X, y.long()
 
 
 def _model_dtype_device(spec: MLPSpec, caller: str) -> tuple[torch.dtype, torch.device]:
@@ -307,6 +314,17 @@ def _model_dtype_device(spec: MLPSpec, caller: str) -> tuple[torch.dtype, torch.
     return dtype, device
 
 
+def _check_eval_mode(model: nn.Module, caller: str) -> None:
+    """Dropout draws new masks and BatchNorm uses batch statistics in training mode: the
+    curvature is of the eval-mode function, so such models must be in eval mode."""
+    for path, module in model.named_modules():
+        if module.training and isinstance(module, (nn.modules.dropout._DropoutNd,
+                                                   nn.modules.batchnorm._BatchNorm)):
+            raise ValueError(f"{caller}: {type(module).__name__} at '{path or '<model>'}' is in "
+                             "training mode; curvature is measured in eval mode: call "
+                             "model.eval() first")
+
+
 def _parameter_paths(spec: MLPSpec) -> list[str]:
     paths = []
     for path, b in zip(spec.linear_paths, spec.biases):
@@ -320,7 +338,7 @@ class _MLPCurvature(CurvatureOperator):
     _exact: bool
 
     def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, backend: str = "auto"):
         caller = f"pyflat.{type(self).__name__}"
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{caller}: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -328,7 +346,29 @@ class _MLPCurvature(CurvatureOperator):
                 or weight_decay < 0:
             raise ValueError(f"{caller}: weight_decay must be a finite number >= 0, got "
                              f"{weight_decay!r}")
-        spec = parse_mlp(model, caller)
+        if backend not in ("auto", "fused", "reference"):
+            raise ValueError(f"{caller}: backend must be 'auto', 'fused' or 'reference', got "
+                             f"{backend!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{caller}: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        self.reduction = reduction
+        self.weight_decay = float(weight_decay)
+        spec = None
+        if backend != "reference":
+            try:
+                spec = parse_mlp(model, caller)
+            except TypeError as err:
+                if backend == "fused":
+                    raise
+                warnings.warn(f"{err}. Falling back to the autograd reference backend "
+                              "(exact, slower); backend='reference' chooses it without this "
+                              "warning, backend='fused' makes this an error.", stacklevel=3)
+        if spec is None:
+            self._init_reference(model, data, caller)
+            return
+        #: which engine computes the products: "fused" or "reference" (autograd)
+        self.backend = "fused"
         dtype, device = _model_dtype_device(spec, caller)
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
         X = spec.transform_input(X)
@@ -343,12 +383,10 @@ class _MLPCurvature(CurvatureOperator):
         self._biases = [None if b is None else b.clone() for b in spec.biases]
         self._activations = list(spec.activations)
         self._input = X.contiguous()
-        self.reduction = reduction
         with full_precision(device):
             self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
                                              self._activations, spec.activation_params,
                                              reduction, with_hessian_terms=self._exact)
-        self.weight_decay = float(weight_decay)
         self.num_samples = X.shape[0]
         self.num_classes = spec.num_classes
         #: the cross-entropy (without the L2 term) at the prepared batch
@@ -359,6 +397,36 @@ class _MLPCurvature(CurvatureOperator):
         self._bytes_per_direction = max(1, self.num_samples * widths * X.element_size() *
                                         (3 if self._exact else 2))
 
+    def _init_reference(self, model: nn.Module, data, caller: str) -> None:
+        """Any model: products by torch.func on the model's own forward."""
+        from .reference import ReferenceGGN, ReferenceHessian
+
+        params = list(model.parameters())
+        if not params:
+            raise TypeError(f"{caller}: model {type(model).__name__} has no parameters")
+        dtypes, devices = {p.dtype for p in params}, {p.device for p in params}
+        if len(dtypes) != 1 or len(devices) != 1:
+            raise TypeError(f"{caller}: all parameters must share one dtype and device, got "
+                            f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
+        dtype, device = dtypes.pop(), devices.pop()
+        _check_eval_mode(model, caller)
+        X, y = check_batch(data, dtype, device, None, caller)
+        with torch.no_grad():
+            logits = model(X)
+        if logits.dim() != 2 or logits.shape[0] != X.shape[0]:
+            raise ValueError(f"{caller}: the model must map X to logits of shape "
+                             f"({X.shape[0]}, classes), got {tuple(logits.shape)}")
+        check_labels(y, logits.shape[1], caller)
+        super().__init__([p.shape for p in params], dtype, device)
+        self.backend = "reference"
+        self.parameters = params
+        reference_type = ReferenceHessian if self._exact else ReferenceGGN
+        self._reference = reference_type(model, (X, y), reduction=self.reduction,
+                                         weight_decay=self.weight_decay)
+        self.num_samples = X.shape[0]
+        self.num_classes = logits.shape[1]
+        self.loss = float(torch.nn.functional.cross_entropy(logits, y, reduction=self.reduction))
+
     #: upper bound on the tangent memory of one product call; wider blocks are split
     block_memory_bytes: int = 1 << 30
 
@@ -366,6 +434,8 @@ class _MLPCurvature(CurvatureOperator):
         return max(1, self.block_memory_bytes // self._bytes_per_direction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.backend == "reference":
+            return self._reference._matmat(V)
         k = V.shape[1]
         chunk = self._directions_per_call()
         if k <= chunk:
@@ -409,6 +479,11 @@ class GGN(_MLPCurvature):
         data: a batch ``(X, y)``; y holds class indices.
         reduction: ``"mean"`` (the default, as ``F.cross_entropy``) or ``"sum"``.
         weight_decay: mu >= 0 of the L2 term mu/2 |theta|^2.
+        backend: ``"fused"`` (the engine; a model it cannot take is refused with the
+            module's name and path), ``"reference"`` (torch.func on the model's own
+            forward: any model, exact, slower) or ``"auto"`` (the default: fused where the
+            model allows, else the reference with one warning saying why). The
+            ``backend`` attribute says which one runs.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),

@@ -56,7 +56,8 @@ class CurvatureFunctions:
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
-        self.param_tuple = tuple(p.detach() for _, p in named)
+        # a copy: like the fused operators, products describe the model as it is now
+        self.param_tuple = tuple(p.detach().clone() for _, p in named)
         self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
         self.model, self.X, self.y, self.reduction = model, X, y, reduction
         self._graph = None

@@ -46,19 +46,23 @@ class Custom(nn.Module):
 ])
 def test_unsupported_models_are_named(model, message):
     with pytest.raises(TypeError, match=message):
-        pyflat.GGN(model.double(), data())
+        pyflat.GGN(model.double(), data(), backend="fused")
 
 
 def test_shared_layer_is_refused():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3)).double()
     with pytest.raises(TypeError, match="shared parameters are not supported"):
-        pyflat.Hessian(model, data())
+        pyflat.Hessian(model, data(), backend="fused")
 
 
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="pyflat.GGN: model must be a torch.nn.Module, got list"):
+        pyflat.GGN([nn.Linear(4, 3)], data(), backend="fused")
+    with pytest.raises(TypeError, match="pyflat.GGN: model must be a torch.nn.Module, got list"):
         pyflat.GGN([nn.Linear(4, 3)], data())
+    with pytest.raises(TypeError, match="pyflat.GGN: model ReLU has no parameters"):
+        pyflat.GGN(nn.ReLU(), data(), backend="reference")
 
 
 def test_model_dtype_must_be_floating():
@@ -137,6 +141,7 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    ({"backend": "gpu"}, "backend must be 'auto', 'fused' or 'reference', got 'gpu'"),
     ({"reduction": "none"}, "reduction must be 'mean' or 'sum', got 'none'"),
     ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
     ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),

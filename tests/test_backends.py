@@ -1,0 +1,110 @@
+"""Any model: the autograd reference backend, chosen or fallen back to, and its checks."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pyflat
+from pyflat import reference
+
+from conftest import make_batch, make_mlp, num_params, random_block, relative_error
+
+
+class ResidualMLP(nn.Module):
+    """A model with its own forward (a skip connection and LayerNorm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 8)
+        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh())
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(h + self.block(h))
+
+
+@pytest.mark.parametrize("operator, ref_fn", [(pyflat.GGN, reference.ggn_matmat),
+                                              (pyflat.Hessian, reference.hessian_matmat)])
+def test_auto_falls_back_once_with_the_reason(operator, ref_fn):
+    model = ResidualMLP().double()
+    data = make_batch(11, 5, 3)
+    with pytest.warns(UserWarning, match=r"unsupported module ResidualMLP at '<model>'.*"
+                                         r"Falling back to the autograd reference backend"):
+        op = operator(model, data, weight_decay=0.1)
+    assert op.backend == "reference"
+    V = random_block(num_params(model), 3)
+    torch.testing.assert_close(op @ V, ref_fn(model, data, V, weight_decay=0.1), rtol=1e-12,
+                               atol=1e-14)
+    assert op.loss == pytest.approx(reference.loss(model, data).item(), rel=1e-12)
+    # the algorithms take it like any operator
+    assert pyflat.eigsh(op, k=2, seed=0).converged
+
+
+def test_fused_refuses_and_reference_needs_no_warning():
+    model = ResidualMLP().double()
+    data = make_batch(11, 5, 3)
+    with pytest.raises(TypeError, match="unsupported module ResidualMLP at '<model>'"):
+        pyflat.GGN(model, data, backend="fused")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pyflat.GGN(model, data, backend="reference").backend == "reference"
+
+
+def test_reference_backend_equals_fused_on_a_supported_model():
+    model = make_mlp([4, 7, 3], "gelu")
+    data = make_batch(9, 4, 3)
+    V = random_block(num_params(model), 4)
+    for operator in (pyflat.GGN, pyflat.Hessian):
+        fused = operator(model, data)
+        assert fused.backend == "fused"
+        ref = operator(model, data, backend="reference")
+        assert relative_error(ref @ V, fused @ V) < 1e-12
+
+
+def test_reference_backend_is_a_snapshot_too():
+    model = ResidualMLP().double()
+    data = make_batch(6, 5, 3)
+    op = pyflat.Hessian(model, data, backend="reference")
+    V = random_block(num_params(model), 2)
+    before = op @ V
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    torch.testing.assert_close(op @ V, before, rtol=0, atol=0)
+
+
+def test_training_mode_is_refused_with_a_clear_message():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).double()
+    with pytest.raises(ValueError, match=r"BatchNorm1d at '1' is in training mode; curvature "
+                                         r"is measured in eval mode: call model.eval\(\) first"):
+        pyflat.GGN(model, make_batch(8, 4, 3), backend="reference")
+    model.eval()
+    assert pyflat.GGN(model, make_batch(8, 4, 3), backend="reference").backend == "reference"
+
+
+def test_reference_backend_checks_labels_and_logits():
+    model = ResidualMLP().double()
+    X, y = make_batch(8, 5, 3)
+    y[2] = 3
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 3\), got 3"):
+        pyflat.GGN(model, (X, y), backend="reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_validate_reports_small_errors_on_a_supported_model(dtype):
+    model = make_mlp([6, 9, 4], "silu", dtype=dtype)
+    X, y = make_batch(20, 6, 4, dtype=dtype)
+    report = pyflat.validate(model, (X, y), k=3)
+    assert report.supported and report.ok, str(report)
+    assert [r["product"] for r in report.rows] == ["ggn", "hessian"]
+    limit = 1e-12 if dtype == torch.float64 else 1e-5
+    assert all(r["fused_error"] < limit for r in report.rows)
+    assert "hessian" in str(report)
+
+
+def test_validate_says_when_the_fused_engine_is_not_used():
+    report = pyflat.validate(ResidualMLP().double(), make_batch(8, 5, 3))
+    assert not report.supported and not report.ok
+    assert "unsupported module ResidualMLP" in report.reason
