@@ -338,8 +338,11 @@ class _MLPCurvature(CurvatureOperator):
     _exact: bool
 
     def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
-                 weight_decay: float = 0.0, backend: str = "auto"):
+                 weight_decay: float = 0.0, backend: str = "auto",
+                 batch_size: Optional[int] = None, cache_bytes: Optional[int] = None,
+                 check_determinism: bool = True):
         caller = f"pyflat.{type(self).__name__}"
+        self._dataset = None
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{caller}: reduction must be 'mean' or 'sum', got {reduction!r}")
         if not isinstance(weight_decay, (int, float)) or not np.isfinite(weight_decay) \
@@ -354,6 +357,12 @@ class _MLPCurvature(CurvatureOperator):
                             f"{type(model).__name__}")
         self.reduction = reduction
         self.weight_decay = float(weight_decay)
+        single = isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data)
+        if not single or batch_size is not None:
+            self._init_dataset(model, data, backend, batch_size, cache_bytes,
+                               check_determinism, caller)
+            return
         spec = None
         if backend != "reference":
             try:
@@ -397,6 +406,44 @@ class _MLPCurvature(CurvatureOperator):
         self._bytes_per_direction = max(1, self.num_samples * widths * X.element_size() *
                                         (3 if self._exact else 2))
 
+    def _init_dataset(self, model, data, backend, batch_size, cache_bytes, check_determinism,
+                      caller) -> None:
+        """Many batches: a DatasetCurvature of sum-reduced batch operators."""
+        from .dataset import DatasetCurvature, batches_of, default_cache_bytes
+
+        params = list(model.parameters())
+        if not params:
+            raise TypeError(f"{caller}: model {type(model).__name__} has no parameters")
+        dtype, device = params[0].dtype, params[0].device
+        batches = batches_of(data, batch_size, caller)
+        budget = default_cache_bytes(device) if cache_bytes is None else int(cache_bytes)
+        kind = type(self)
+        dataset = DatasetCurvature(
+            lambda X, y: kind(model, (X, y), reduction="sum", backend=backend),
+            batches, reduction=self.reduction, weight_decay=self.weight_decay,
+            cache_bytes=budget, device=device, dtype=dtype, caller=caller)
+        super().__init__(dataset.param_shapes, dataset.dtype, dataset.device)
+        self._dataset = dataset
+        for name in ("parameters", "backend", "num_samples", "num_batches", "num_classes",
+                     "loss", "cache_report"):
+            setattr(self, name, getattr(dataset, name))
+        if check_determinism:
+            self._check_determinism(caller)
+
+    def _check_determinism(self, caller: str) -> None:
+        """Two products on one vector must agree: a run of hundreds relies on it."""
+        gen = torch.Generator().manual_seed(0)
+        v = torch.randn(self.shape[0], 1, generator=gen, dtype=torch.float64)
+        v = v.to(dtype=self.dtype, device=self.device)
+        first, second = self._dataset._matmat(v), self._dataset._matmat(v)
+        tol = 1e-12 if self.dtype == torch.float64 else 1e-5
+        if not torch.allclose(first, second, rtol=tol, atol=tol * float(first.abs().max())):
+            raise ValueError(f"{caller}: two products on the same vector differ (relative "
+                             f"{float((first - second).abs().max() / first.abs().max()):.1e}): "
+                             "the data must come in the same order every pass (shuffle=False, "
+                             "fixed augmentation) and the model must be deterministic "
+                             "(model.eval(), no dropout)")
+
     def _init_reference(self, model: nn.Module, data, caller: str) -> None:
         """Any model: products by torch.func on the model's own forward."""
         from .reference import ReferenceGGN, ReferenceHessian
@@ -434,6 +481,8 @@ class _MLPCurvature(CurvatureOperator):
         return max(1, self.block_memory_bytes // self._bytes_per_direction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self._dataset is not None:
+            return self._dataset._matmat(V)
         if self.backend == "reference":
             return self._reference._matmat(V)
         k = V.shape[1]
@@ -476,9 +525,19 @@ class GGN(_MLPCurvature):
     Args:
         model: ``nn.Sequential`` of Linear layers and activations (see
             :data:`pyflat._model.SUPPORTED_MODULES`), float32 or float64.
-        data: a batch ``(X, y)``; y holds class indices.
+        data: a batch ``(X, y)``; y holds class indices. See below for data sets.
         reduction: ``"mean"`` (the default, as ``F.cross_entropy``) or ``"sum"``.
         weight_decay: mu >= 0 of the L2 term mu/2 |theta|^2.
+        data: a batch ``(X, y)``; or the whole data set: a DataLoader or any iterable of
+            (X, y) batches that yields the same batches every pass, or a tensor pair split
+            into batches of ``batch_size``. The curvature is then the sample-weighted
+            average over batches (the sum for ``reduction="sum"``).
+        batch_size: split a tensor pair into batches of this size.
+        cache_bytes: memory for the prepared batches of a data set (default: half the
+            free GPU memory, a quarter of host RAM); batches beyond it are prepared again
+            for every product. ``cache_report`` says which path was taken.
+        check_determinism: for a data set, check at construction that two products on one
+            vector agree (a shuffling loader or dropout fails it, with what to fix).
         backend: ``"fused"`` (the engine; a model it cannot take is refused with the
             module's name and path), ``"reference"`` (torch.func on the model's own
             forward: any model, exact, slower) or ``"auto"`` (the default: fused where the

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lanczos import eigsh
-from .operators import GGN, Hessian, check_batch
+from .dataset import batches_of
+from .operators import GGN, Hessian
 from .spectral import slq
 from .trace import frobenius_norm, hutchpp_trace
 
@@ -97,7 +98,8 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
               frobenius_probes: int = 50, slq_probes: int = 10, slq_steps: int = 80,
               rank_rtol: float = 1e-3, per_layer: bool = True, seed: int = 0,
               tol: float = 0.0) -> SharpnessReport:
-    """Measures the curvature of ``model`` on the batch ``data = (X, y)``.
+    """Measures the curvature of ``model`` on ``data``: a batch ``(X, y)`` or a whole
+    data set (DataLoader or iterable of batches, as the operators take).
 
     Args:
         curvature: ``"hessian"`` (exact) or ``"ggn"``.
@@ -126,9 +128,12 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
     Operator = Hessian if curvature == "hessian" else GGN
     ce_op = Operator(model, data)
     op = Operator(model, data, weight_decay=weight_decay) if with_l2 else ce_op
-    X, y = check_batch(data, ce_op.dtype, ce_op.device, ce_op.num_classes, "pyflat.sharpness")
+    correct = 0
     with torch.no_grad():
-        accuracy = float((model(X).argmax(1) == y).to(torch.float64).mean())
+        for X, y in batches_of(data, None, "pyflat.sharpness")():
+            X = X.to(device=ce_op.device, dtype=ce_op.dtype)
+            correct += int((model(X).argmax(1) == y.to(ce_op.device)).sum())
+        accuracy = correct / ce_op.num_samples
         theta = torch.cat([p.detach().reshape(-1) for p in ce_op.parameters]).to(torch.float64)
     param_norm = float(theta.norm())
     P = op.shape[0]
@@ -162,7 +167,7 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
                 "device": str(op.device), "torch": torch.__version__}
     return SharpnessReport(
         curvature=curvature, with_l2=with_l2, weight_decay=float(weight_decay),
-        num_samples=X.shape[0], num_params=P, loss=loss, objective=objective,
+        num_samples=ce_op.num_samples, num_params=P, loss=loss, objective=objective,
         accuracy=accuracy, param_norm=param_norm,
         top_eigenvalues=[float(v) for v in top.eigenvalues],
         top_residuals=[float(v) for v in top.residuals], min_eigenvalue=min_eig,

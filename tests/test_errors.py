@@ -82,8 +82,11 @@ def test_non_finite_parameter_is_named():
 
 def test_data_must_be_a_pair():
     X, y = data()
-    with pytest.raises(TypeError, match=r"data must be a pair \(X, y\) of tensors, got Tensor"):
+    with pytest.raises(TypeError, match=r"data must be a pair \(X, y\) of tensors, a DataLoader "
+                                        r"or an iterable of \(X, y\) batches, got Tensor"):
         pyflat.GGN(mlp(), X)
+    with pytest.raises(TypeError, match=r"got \(Tensor, list\)"):
+        pyflat.GGN(mlp(), (X, [0] * 8))
 
 
 def test_dtype_mismatch():

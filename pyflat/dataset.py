@@ -1,0 +1,151 @@
+"""Curvature over a whole data set: the sample-weighted sum of per-batch operators.
+
+The data-set curvature is sum_i (B_i / N) G_i for mean reduction (G_i the mean-reduced
+batch curvature), i.e. the sum over batches of the sum-reduced curvatures divided by the
+total sample count N: a short last batch weighs what its samples weigh. The L2 term is
+added once, after the sum. Prepared batches (the forward quantities the products reuse)
+are kept while they fit a memory budget; batches beyond it are prepared again for every
+product from the data source, which must then yield the same batches each pass.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .operators import CurvatureOperator
+
+__all__ = ["DatasetCurvature", "default_cache_bytes"]
+
+
+def default_cache_bytes(device: torch.device) -> int:
+    """Half of the free memory of a GPU, a quarter of the RAM of the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def batches_of(data, batch_size: Optional[int], caller: str) -> Callable[[], Iterable]:
+    """A function returning a fresh iterator over (X, y) batches of ``data``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(t, torch.Tensor) for t in data):
+        X, y = data
+        if batch_size is None:
+            return lambda: iter([(X, y)])
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{caller}: batch_size must be an int >= 1, got {batch_size!r}")
+        if y.shape[:1] != X.shape[:1]:
+            raise ValueError(f"{caller}: y must have shape ({X.shape[0]},) to match X, got "
+                             f"{tuple(y.shape)}")
+        return lambda: zip(X.split(batch_size), y.split(batch_size))
+    if isinstance(data, (torch.Tensor, str, bytes)) or (
+            isinstance(data, (tuple, list)) and len(data) == 2 and any(
+                isinstance(t, torch.Tensor) for t in data)):
+        raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, a DataLoader or an "
+                        f"iterable of (X, y) batches, got {_describe(data)}")
+    if batch_size is not None:
+        raise ValueError(f"{caller}: batch_size applies to a tensor pair (X, y); a data loader "
+                         "brings its own batches")
+    if hasattr(data, "__next__"):
+        raise TypeError(f"{caller}: data is an iterator, which can be read only once; pass a "
+                        "DataLoader, a list of (X, y) batches or a tensor pair")
+    if not hasattr(data, "__iter__"):
+        raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, a DataLoader or an "
+                        f"iterable of (X, y) batches, got {type(data).__name__}")
+    return lambda: iter(data)
+
+
+def _describe(data) -> str:
+    if isinstance(data, (tuple, list)):
+        return f"({', '.join(type(t).__name__ for t in data)})"
+    return type(data).__name__
+
+
+class DatasetCurvature(CurvatureOperator):
+    """Sum over batches of sum-reduced batch operators, scaled to the data set's mean.
+
+    Args:
+        make_batch_operator: (X, y) -> a sum-reduced operator of one batch.
+        batches: a function returning a fresh iterator over (X, y) batches.
+        reduction: "mean" (divide by the total sample count) or "sum".
+        weight_decay: mu of mu I, added once.
+        cache_bytes: memory for prepared batches; beyond it batches are re-prepared.
+        device, dtype: where batches go (the model's).
+    """
+
+    def __init__(self, make_batch_operator, batches: Callable[[], Iterable], *,
+                 reduction: str, weight_decay: float, cache_bytes: int,
+                 device: torch.device, dtype: torch.dtype, caller: str):
+        self._make = make_batch_operator
+        self._batches = batches
+        self._device, self._dtype = device, dtype
+        self._caller = caller
+        self._cached: list[CurvatureOperator] = []
+        held = 0
+        num_samples, num_batches, loss_sum = 0, 0, 0.0
+        first = None
+        for X, y in self._iterate():
+            op = self._make(X, y)
+            first = first or op
+            num_batches += 1
+            num_samples += op.num_samples
+            loss_sum += op.loss
+            size = _prepared_bytes(op)
+            if len(self._cached) == num_batches - 1 and held + size <= cache_bytes:
+                self._cached.append(op)
+                held += size
+        if first is None:
+            raise ValueError(f"{caller}: the data yielded no batch")
+        super().__init__(first.param_shapes, first.dtype, first.device)
+        self.parameters = first.parameters
+        self.backend = first.backend
+        self.num_samples, self.num_batches = num_samples, num_batches
+        self.num_classes = first.num_classes
+        self.reduction, self.weight_decay = reduction, float(weight_decay)
+        self._scale = 1.0 / num_samples if reduction == "mean" else 1.0
+        #: the data set's cross-entropy (mean over all samples, or their sum)
+        self.loss = loss_sum * self._scale
+        #: which path the products take and the memory the prepared batches hold
+        self.cache_report = {"batches": num_batches, "cached_batches": len(self._cached),
+                             "bytes_held": held, "budget_bytes": cache_bytes,
+                             "path": "all batches cached" if len(self._cached) == num_batches
+                             else "batches past the budget prepared again per product"}
+
+    def _iterate(self):
+        for batch in self._batches():
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise TypeError(f"{self._caller}: every batch must be a pair (X, y), got "
+                                f"{type(batch).__name__}")
+            X, y = batch
+            if X.is_floating_point():
+                X = X.to(device=self._device, dtype=self._dtype)
+            else:
+                X = X.to(self._device)
+            yield X, y.to(self._device)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(V)
+        for op in self._cached:
+            out.add_(op._matmat(V))
+        if len(self._cached) < self.num_batches:
+            for index, (X, y) in enumerate(self._iterate()):
+                if index >= len(self._cached):
+                    out.add_(self._make(X, y)._matmat(V))
+        out.mul_(self._scale)
+        if self.weight_decay:
+            out.add_(V, alpha=self.weight_decay)
+        return out
+
+
+def _prepared_bytes(op) -> int:
+    prepared = getattr(op, "_prepared", None)
+    if prepared is None:  # the reference backend keeps only the batch and the parameters
+        return sum(t.numel() * t.element_size() for t in op._reference._functions.param_tuple)
+    tensors = [prepared.loss, prepared.probs, *prepared.hidden, *prepared.first_derivs,
+               *prepared.deltas, *prepared.curvatures, op._input]
+    return sum(t.numel() * t.element_size() for t in tensors)
