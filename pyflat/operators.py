@@ -340,7 +340,8 @@ class _MLPCurvature(CurvatureOperator):
     def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
                  weight_decay: float = 0.0, backend: str = "auto",
                  batch_size: Optional[int] = None, cache_bytes: Optional[int] = None,
-                 check_determinism: bool = True):
+                 check_determinism: bool = True, distributed: bool = False,
+                 process_group=None):
         caller = f"pyflat.{type(self).__name__}"
         self._dataset = None
         if reduction not in ("mean", "sum"):
@@ -359,9 +360,9 @@ class _MLPCurvature(CurvatureOperator):
         self.weight_decay = float(weight_decay)
         single = isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data)
-        if not single or batch_size is not None:
+        if not single or batch_size is not None or distributed:
             self._init_dataset(model, data, backend, batch_size, cache_bytes,
-                               check_determinism, caller)
+                               check_determinism, caller, distributed, process_group)
             return
         spec = None
         if backend != "reference":
@@ -407,7 +408,7 @@ class _MLPCurvature(CurvatureOperator):
                                         (3 if self._exact else 2))
 
     def _init_dataset(self, model, data, backend, batch_size, cache_bytes, check_determinism,
-                      caller) -> None:
+                      caller, distributed=False, process_group=None) -> None:
         """Many batches: a DatasetCurvature of sum-reduced batch operators."""
         from .dataset import DatasetCurvature, batches_of, default_cache_bytes
 
@@ -421,7 +422,8 @@ class _MLPCurvature(CurvatureOperator):
         dataset = DatasetCurvature(
             lambda X, y: kind(model, (X, y), reduction="sum", backend=backend),
             batches, reduction=self.reduction, weight_decay=self.weight_decay,
-            cache_bytes=budget, device=device, dtype=dtype, caller=caller)
+            cache_bytes=budget, device=device, dtype=dtype, caller=caller,
+            distributed=distributed, process_group=process_group)
         super().__init__(dataset.param_shapes, dataset.dtype, dataset.device)
         self._dataset = dataset
         for name in ("parameters", "backend", "num_samples", "num_batches", "num_classes",
@@ -537,7 +539,11 @@ class GGN(_MLPCurvature):
             free GPU memory, a quarter of host RAM); batches beyond it are prepared again
             for every product. ``cache_report`` says which path was taken.
         check_determinism: for a data set, check at construction that two products on one
-            vector agree (a shuffling loader or dropout fails it, with what to fix).
+            vector agree (a freshly augmenting data source fails it, with what to fix).
+        distributed, process_group: ``data`` is this rank's shard of the data set; counts,
+            losses and products are summed over the ranks (torch.distributed, one
+            all_reduce per product) and the L2 term is added once, after the sum. Run the
+            same algorithm with the same seeds on every rank; see the README for torchrun.
         backend: ``"fused"`` (the engine; a model it cannot take is refused with the
             module's name and path), ``"reference"`` (torch.func on the model's own
             forward: any model, exact, slower) or ``"auto"`` (the default: fused where the
