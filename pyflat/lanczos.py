@@ -14,6 +14,8 @@ from typing import Optional, Union
 
 import torch
 
+from ._progress import progress_bar
+
 __all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
 
 
@@ -114,7 +116,7 @@ class _Lanczos:
                 return w / norm
         return None
 
-    def run(self, until: int) -> None:
+    def run(self, until: int, bar=None) -> None:
         if until > self.Q.shape[0]:  # grow the basis buffer
             grown = torch.zeros(until, self.n, dtype=torch.float64, device=self.device)
             grown[: self.steps] = self.Q[: self.steps]
@@ -148,6 +150,8 @@ class _Lanczos:
             else:
                 self.beta.append(b)
                 self.q = w / b
+            if bar is not None:
+                bar.update(1)
 
     def result(self, keep_basis: bool = True) -> "LanczosResult":
         m = self.steps
@@ -159,7 +163,8 @@ class _Lanczos:
 def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
             seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
             keep_basis: bool = True,
-            basis_device: Union[str, torch.device, None] = None) -> LanczosResult:
+            basis_device: Union[str, torch.device, None] = None,
+            progress: Optional[bool] = None) -> LanczosResult:
     """Runs ``num_steps`` Lanczos steps on the symmetric operator A.
 
     Args:
@@ -171,6 +176,7 @@ def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
             reorthogonalization either way).
         basis_device: where the float64 basis lives (default: A's device; "cpu" keeps a
             GPU's memory free at the cost of transfers). It takes m x n x 8 bytes.
+        progress: a progress bar on stderr (None: only on a terminal).
 
     Returns:
         LanczosResult with float64 coefficients; fewer than ``num_steps`` steps only when
@@ -186,7 +192,11 @@ def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
         raise ValueError(f"pyflat.lanczos: num_steps must be an int in [1, {n}], got "
                          f"{num_steps!r}")
     state = _start(A, n, v0, seed, generator, basis_device, num_steps)
-    state.run(num_steps)
+    bar = progress_bar(num_steps, "pyflat.lanczos", progress)
+    try:
+        state.run(num_steps, bar)
+    finally:
+        bar.close()
     return state.result(keep_basis)
 
 
@@ -233,7 +243,8 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
           v0: Optional[torch.Tensor] = None, tol: float = 0.0, maxiter: Optional[int] = None,
           return_eigenvectors: bool = True, *, seed: Optional[int] = None,
           generator: Optional[torch.Generator] = None,
-          basis_device: Union[str, torch.device, None] = None) -> EigshResult:
+          basis_device: Union[str, torch.device, None] = None,
+          progress: Optional[bool] = None) -> EigshResult:
     """k extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
     Named as scipy.sparse.linalg.eigsh: ``which`` is 'LA' (largest algebraic), 'SA'
@@ -248,6 +259,7 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
         ncv: Krylov dimension at the first convergence check (default max(2k + 1, 8), at
             most n); the space then grows by ncv // 2 (at least 4) steps per check.
         maxiter: most Lanczos steps (products) in all (default min(n, max(10 ncv, 200))).
+        progress: a progress bar on stderr (None: only on a terminal).
 
     Example:
         >>> H = pyflat.Hessian(model, (X, y))
@@ -272,15 +284,18 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
 
     state = _start(A, n, v0, seed, generator, basis_device, ncv)
     target = ncv
+    bar = progress_bar(None, f"pyflat.eigsh k={k} {which}", progress)
     while True:
-        state.run(target)
+        state.run(target, bar)
         res = state.result()
         theta, S, bounds = res.ritz()
         idx = _select(theta, min(k, res.steps), which)
         norm_T = float(theta.abs().max())
         limit = rtol * torch.clamp(theta[idx].abs(), min=norm_T * 1e-3)
         converged = bool((bounds[idx] <= limit).all())
+        bar.set_postfix_str(f"worst residual {float((bounds[idx] / limit).max()):.1e} x tol")
         if converged or state.exhausted or res.steps >= maxiter:
+            bar.close()
             break
         target = min(maxiter, res.steps + max(ncv // 2, 4))
     vectors = None

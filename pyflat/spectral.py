@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._progress import progress_bar
 from .lanczos import _check_operator, _generator
 
 __all__ = ["SpectralDensity", "slq", "exact_rank"]
@@ -187,7 +188,7 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
         seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
         reorthogonalize: bool = True, basis_dtype: torch.dtype = torch.float64,
         basis_device: Union[str, torch.device, None] = None,
-        memory_budget: int = 2 << 30) -> SpectralDensity:
+        memory_budget: int = 2 << 30, progress: Optional[bool] = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``num_steps`` steps.
 
     The probes advance together, one block product per step. With ``reorthogonalize``
@@ -197,7 +198,8 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
     al. 2019), outlier counts and Ritz values do not. Probes are split into groups so
     that the bases of a group fit in ``memory_budget`` bytes.
 
-    Defaults follow Ghorbani et al. 2019 (about 10 probes x 80-100 steps).
+    Defaults follow Ghorbani et al. 2019 (about 10 probes x 80-100 steps). ``progress``
+    shows a bar on stderr (None: only on a terminal).
 
     Example:
         >>> sd = pyflat.slq(pyflat.Hessian(model, (X, y)), 10, 80, seed=0)
@@ -227,10 +229,11 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
     else:
         probes = torch.randn(n, num_probes, generator=gen, dtype=torch.float64)
     nodes, weights = [], []
+    bar = progress_bar(num_steps * ((num_probes + group - 1) // group), "pyflat.slq", progress)
     for start in range(0, num_probes, group):
         block = probes[:, start:start + group].to(device)
         alpha, beta, lengths = _block_lanczos(A, block, num_steps, reorthogonalize,
-                                              basis_dtype)
+                                              basis_dtype, bar)
         for j in range(block.shape[1]):
             m = lengths[j]
             T = torch.diag(alpha[:m, j]) + torch.diag(beta[: m - 1, j], 1) + \
@@ -242,6 +245,7 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
             row_weights[:m] = S[0] ** 2
             nodes.append(row_nodes)
             weights.append(row_weights)
+    bar.close()
     settings = {"num_probes": num_probes, "num_steps": num_steps, "distribution": distribution,
                 "seed": seed, "reorthogonalize": reorthogonalize,
                 "basis_dtype": str(basis_dtype).replace("torch.", ""), "products": num_probes *
@@ -250,7 +254,7 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
 
 
 def _block_lanczos(A, probes: torch.Tensor, steps: int, reorthogonalize: bool,
-                   basis_dtype: torch.dtype):
+                   basis_dtype: torch.dtype, bar=None):
     """Independent Lanczos runs on the columns of ``probes`` (n, k), advanced together.
 
     Returns alpha, beta (steps, k) float64 and each run's length (it stops at a
@@ -280,6 +284,8 @@ def _block_lanczos(A, probes: torch.Tensor, steps: int, reorthogonalize: bool,
         b = torch.linalg.vector_norm(W, dim=0)
         alpha[j] = a.cpu()
         beta[j] = b.cpu()
+        if bar is not None:
+            bar.update(1)
         scale = torch.maximum(scale, alpha[j].abs() + beta[j] + (beta[j - 1] if j else 0))
         done = active & (beta[j] <= 1e-10 * scale.clamp(min=1e-300))
         for col in torch.nonzero(done).flatten().tolist():

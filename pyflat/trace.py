@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ._progress import progress_bar
 from .lanczos import _check_operator, _generator
 
 __all__ = ["Estimate", "adaptive_trace", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
@@ -148,14 +149,15 @@ def frobenius_norm(A, num_probes: int = 100, distribution: str = "rademacher", *
 def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
                    block_size: int = 16, max_products: int = 10_000,
                    distribution: str = "rademacher", seed: Optional[int] = None,
-                   generator: Optional[torch.Generator] = None) -> Estimate:
+                   generator: Optional[torch.Generator] = None,
+                   progress: Optional[bool] = None) -> Estimate:
     """The trace to a target relative standard error, with as few products as it needs.
 
     Hutch++ with an open-ended second stage: a sketch Q = orth(A S) of
     ``sketch_products`` probes whose part tr(Q^T A Q) is exact, then blocks of
     ``block_size`` deflated Hutchinson probes until stderr <= rel_stderr * |estimate|
     (at least two blocks) or ``max_products`` products were used; ``converged`` says
-    which.
+    which. ``progress`` shows a bar on stderr (None: only on a terminal).
 
     Example:
         >>> est = pyflat.adaptive_trace(pyflat.Hessian(model, (X, y)), 0.01, seed=0)
@@ -177,13 +179,18 @@ def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
         sketch = float((Q * _apply_blocks(A, Q, None)).sum())
         products += 2 * sketch_products
     samples = torch.zeros(0, dtype=torch.float64)
+    bar = progress_bar(None, "pyflat.adaptive_trace", progress)
+    bar.update(products)
     while True:
         G = _probes(n, block_size, distribution, gen)
         G = G - Q @ (Q.T @ G)
         samples = torch.cat([samples, (G * _apply_blocks(A, G, None)).sum(0)])
         products += block_size
+        bar.update(block_size)
         rest, stderr = _mean_and_stderr(samples)
         value = sketch + rest
+        bar.set_postfix_str(f"relative error {stderr / max(abs(value), 1e-300):.1e}")
         done = samples.numel() >= 2 * block_size and stderr <= rel_stderr * abs(value)
         if done or products + block_size > max_products:
+            bar.close()
             return Estimate(value, stderr, products, samples, converged=done)

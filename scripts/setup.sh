@@ -21,9 +21,9 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip setuptools wheel
 # scikit-learn ships the handwritten digits used by the benchmark and examples;
-# scipy gives eigsh for to_scipy(); matplotlib draws density plots; pytest-benchmark
-# times bench/.
-python -m pip install -q "$TORCH_REQ" numpy scipy scikit-learn matplotlib ninja pytest \
+# scipy gives eigsh for to_scipy(); matplotlib draws density plots; tqdm shows progress of
+# long runs; pytest-benchmark times bench/.
+python -m pip install -q "$TORCH_REQ" numpy scipy scikit-learn matplotlib tqdm ninja pytest \
     pytest-benchmark
 python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import pyflat, torch; print('pyflat', pyflat.__version__, 'built against torch', torch.__version__)"

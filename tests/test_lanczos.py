@@ -116,3 +116,16 @@ def test_eigsh_errors(kwargs, message):
 def test_lanczos_refuses_non_square():
     with pytest.raises(TypeError, match=r"A must be a square linear operator"):
         pyflat.lanczos(torch.zeros(3, 4), 2)
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(capsys):
+    A = symmetric(torch.linspace(0, 1, 40, dtype=torch.float64), seed=14)
+    pyflat.eigsh(A, k=2, seed=0)  # stderr is not a terminal under pytest: silent
+    pyflat.slq(A, 2, 10, seed=0)
+    pyflat.adaptive_trace(A, 0.05, seed=0)
+    assert capsys.readouterr().err == ""
+    pyflat.eigsh(A, k=2, seed=0, progress=True)
+    pyflat.slq(A, 2, 10, seed=0, progress=True)
+    pyflat.adaptive_trace(A, 0.05, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "pyflat.eigsh" in err and "pyflat.slq" in err and "pyflat.adaptive_trace" in err
