@@ -30,3 +30,16 @@ def test_spectral_benchmark_runs(tmp_path):
     top1 = rows[0]
     if top1["baseline_converged"]:
         assert top1["max_rel_difference"] < 1e-5
+
+
+def test_dataset_benchmark_runs(tmp_path):
+    from bench import dataset
+
+    assert dataset.main(["--synthetic-samples", "600", "--digits-samples", "500",
+                         "--batch", "256", "--max-products", "40",
+                         "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "dataset.json").read_text())["rows"]
+    assert [r["cached_batches"] for r in rows] == [2, 0, 3, 0]
+    # cache on or off, the numbers are the same
+    assert rows[0]["top_eigenvalue"] == rows[1]["top_eigenvalue"]
+    assert rows[2]["trace"] == rows[3]["trace"]
