@@ -26,16 +26,7 @@ void activation_forward(const ActivationForwardParams<T>& p, int64_t begin, int6
 #define PYFLAT_FORWARD_CASE(KIND) \
   case Activation::KIND:          \
     return activation_forward_rows<T, Activation::KIND>(p, begin, end);
-    PYFLAT_FORWARD_CASE(Identity)
-    PYFLAT_FORWARD_CASE(ReLU)
-    PYFLAT_FORWARD_CASE(LeakyReLU)
-    PYFLAT_FORWARD_CASE(Tanh)
-    PYFLAT_FORWARD_CASE(Sigmoid)
-    PYFLAT_FORWARD_CASE(GeluErf)
-    PYFLAT_FORWARD_CASE(GeluTanh)
-    PYFLAT_FORWARD_CASE(Softplus)
-    PYFLAT_FORWARD_CASE(ELU)
-    PYFLAT_FORWARD_CASE(SiLU)
+    PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_FORWARD_CASE)
 #undef PYFLAT_FORWARD_CASE
   }
 }

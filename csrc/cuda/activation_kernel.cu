@@ -75,20 +75,11 @@ template <typename T>
 cudaError_t activation_forward(const ActivationForwardParams<T>& p, cudaStream_t stream) {
   const int blocks = blocks_for(p.rows * p.cols);
   switch (p.kind) {
-#define PYFLAT_FORWARD_CASE(KIND)                                                   \
-  case Activation::KIND:                                                            \
-    forward_kernel<T, Activation::KIND><<<blocks, kThreads, 0, stream>>>(p);        \
+#define PYFLAT_FORWARD_CASE(KIND)                                            \
+  case Activation::KIND:                                                     \
+    forward_kernel<T, Activation::KIND><<<blocks, kThreads, 0, stream>>>(p); \
     break;
-    PYFLAT_FORWARD_CASE(Identity)
-    PYFLAT_FORWARD_CASE(ReLU)
-    PYFLAT_FORWARD_CASE(LeakyReLU)
-    PYFLAT_FORWARD_CASE(Tanh)
-    PYFLAT_FORWARD_CASE(Sigmoid)
-    PYFLAT_FORWARD_CASE(GeluErf)
-    PYFLAT_FORWARD_CASE(GeluTanh)
-    PYFLAT_FORWARD_CASE(Softplus)
-    PYFLAT_FORWARD_CASE(ELU)
-    PYFLAT_FORWARD_CASE(SiLU)
+    PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_FORWARD_CASE)
 #undef PYFLAT_FORWARD_CASE
   }
   return cudaGetLastError();

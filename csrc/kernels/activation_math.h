@@ -31,6 +31,10 @@ enum class Activation : int32_t {
   SiLU,
 };
 
+// Applies X to every Activation, so switches over the kind are written once.
+#define PYFLAT_FOR_EACH_ACTIVATION(X) \
+  X(Identity) X(ReLU) X(LeakyReLU) X(Tanh) X(Sigmoid) X(GeluErf) X(GeluTanh) X(Softplus) X(ELU) X(SiLU)
+
 // s' is the constant 1: tangents and deltas pass through unchanged.
 PYFLAT_HOST_DEVICE bool activation_is_identity(Activation kind) {
   return kind == Activation::Identity;
