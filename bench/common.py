@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import random
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -121,3 +123,11 @@ def machine() -> dict[str, object]:
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
+    """Prints the markdown table and writes it and the JSON payload to out/stem.{md,json}."""
+    print(markdown)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(markdown)
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))

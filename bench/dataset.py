@@ -12,7 +12,6 @@ product prepares every batch again).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pyflat
 
-from .common import digits, machine, mlp
+from .common import digits, machine, mlp, write_results
 
 
 def synthetic(samples: int, seed: int = 0):
@@ -89,10 +88,7 @@ def main(argv=None) -> int:
                      f"{r['trace_stderr']:.2g} | {r['trace_s']:.2f} "
                      f"({r['trace_products_per_s']:.1f}) |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dataset.md").write_text(text)
-    (args.out / "dataset.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    write_results(args.out, "dataset", text, {"machine": info, "rows": rows})
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from torch.func import vmap
 import pyflat
 from pyflat import reference
 
-from .common import cuda_clock, machine, matmul_ceiling, mlp, product_flops, time_interleaved
+from .common import (cuda_clock, machine, matmul_ceiling, mlp, product_flops, time_interleaved,
+                     write_results)
 
 CASES = [
     # name, widths, batch, product, k, target speed-up over torch.func
@@ -101,11 +101,8 @@ def main(argv=None) -> int:
                          f"{row['ms']:.3f} | {row['tflops']:.2f} | {row['rel_error']:.1e} | "
                          f"{speed} | {target} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.md").write_text(text)
-    (args.out / "gpu.json").write_text(json.dumps(
-        {"machine": info, "fp32_matmul_tflops": ceiling, "results": results}, indent=2))
+    write_results(args.out, "gpu", text,
+                  {"machine": info, "fp32_matmul_tflops": ceiling, "results": results})
     wrong = [r["case"] for r in results for row in r["methods"].values()
              if not row["rel_error"] < 1e-3]
     return 1 if wrong else 0

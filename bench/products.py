@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
-from .common import digits, machine, matmul_ceiling, mlp, product_flops, time_interleaved
+from .common import (digits, machine, matmul_ceiling, mlp, product_flops, time_interleaved,
+                     write_results)
 
 MODELS = {
     "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),
@@ -189,12 +189,8 @@ def main(argv=None) -> int:
         results.append(bench_model(name, args.batch, args.k, args.seconds))
     report = targets_report(results, args.k)
     text = markdown(results, report, info, ceiling)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "products.md").write_text(text)
-    (args.out / "products.json").write_text(json.dumps(
-        {"machine": info, "matmul_gflops": ceiling, "results": results, "targets": report},
-        indent=2))
+    write_results(args.out, "products", text, {"machine": info, "matmul_gflops": ceiling,
+                                                "results": results, "targets": report})
     bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
            for res in results for r in res["rows"] if not r["rel_error"] < CHECK_TOL]
     for b in bad:

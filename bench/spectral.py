@@ -16,7 +16,6 @@ On an MLP trained on scikit-learn's digits (float64, so that a relative residual
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,7 +27,7 @@ from torch import nn
 import pyflat
 from pyflat import reference
 
-from .common import digits, machine, mlp
+from .common import digits, machine, mlp, write_results
 
 
 def trained_mlp(widths, samples, epochs, seed=0):
@@ -154,10 +153,7 @@ def main(argv=None) -> int:
                      f"{r['baseline']} | {r['baseline_s']:.2f} ({r['baseline_products']}){ok} | "
                      f"{r['speedup']:.1f}x | {r['max_rel_difference']:.1e} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "spectral.md").write_text(text)
-    (args.out / "spectral.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
+    write_results(args.out, "spectral", text, {"machine": info, "rows": rows})
     return 0 if all(r["pyflat_converged"] for r in rows) else 1
 
 

@@ -19,6 +19,11 @@ from ._progress import progress_bar
 __all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
 
 
+def tridiagonal(alpha: torch.Tensor, off_diagonal: torch.Tensor) -> torch.Tensor:
+    """The symmetric tridiagonal matrix with diagonal alpha (m,) and off-diagonal (m-1,)."""
+    return torch.diag(alpha) + torch.diag(off_diagonal, 1) + torch.diag(off_diagonal, -1)
+
+
 @dataclass
 class LanczosResult:
     """A Lanczos run: A Q_m^T ~= Q_m^T T with T = tridiag(beta, alpha, beta).
@@ -43,9 +48,7 @@ class LanczosResult:
         return self.alpha.numel()
 
     def tridiagonal(self) -> torch.Tensor:
-        T = torch.diag(self.alpha)
-        off = self.beta[:-1]
-        return T + torch.diag(off, 1) + torch.diag(off, -1)
+        return tridiagonal(self.alpha, self.beta[:-1])
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (ascending), eigenvectors S of T, and residual bounds

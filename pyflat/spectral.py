@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from ._progress import progress_bar
-from .lanczos import _check_operator, _generator
+from .lanczos import _check_operator, _generator, tridiagonal
 
 __all__ = ["SpectralDensity", "slq", "exact_rank"]
 
@@ -236,9 +236,7 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
                                               basis_dtype, bar)
         for j in range(block.shape[1]):
             m = lengths[j]
-            T = torch.diag(alpha[:m, j]) + torch.diag(beta[: m - 1, j], 1) + \
-                torch.diag(beta[: m - 1, j], -1)
-            theta, S = torch.linalg.eigh(T)
+            theta, S = torch.linalg.eigh(tridiagonal(alpha[:m, j], beta[: m - 1, j]))
             row_nodes = torch.full((num_steps,), math.nan, dtype=torch.float64)
             row_weights = torch.full((num_steps,), math.nan, dtype=torch.float64)
             row_nodes[:m] = theta

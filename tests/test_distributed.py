@@ -1,6 +1,5 @@
 """Two gloo processes with uneven shards give the single-process numbers."""
 import json
-import os
 import socket
 
 import pytest

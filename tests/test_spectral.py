@@ -1,13 +1,19 @@
 """Stochastic Lanczos quadrature: quadrature identities, density, rank, and a real GGN."""
-import math
-
 import pytest
 import torch
 
 import pyflat
+from pyflat.lanczos import tridiagonal
 from pyflat.spectral import _block_lanczos
 
-from conftest import make_mlp, symmetric
+from conftest import symmetric
+
+
+def quadrature(alpha, beta, lengths, j):
+    """Nodes and weights of probe j from a block Lanczos run."""
+    m = lengths[j]
+    theta, S = torch.linalg.eigh(tridiagonal(alpha[:m, j], beta[: m - 1, j]))
+    return theta, S[0] ** 2
 
 
 def test_quadrature_identity_for_each_probe():
@@ -17,11 +23,7 @@ def test_quadrature_identity_for_each_probe():
     probes = torch.randn(120, 5, generator=gen, dtype=torch.float64)
     alpha, beta, lengths = _block_lanczos(A, probes, 30, True, torch.float64)
     for j in range(5):
-        m = lengths[j]
-        T = torch.diag(alpha[:m, j]) + torch.diag(beta[: m - 1, j], 1) + \
-            torch.diag(beta[: m - 1, j], -1)
-        theta, S = torch.linalg.eigh(T)
-        tau = S[0] ** 2
+        theta, tau = quadrature(alpha, beta, lengths, j)
         q = probes[:, j] / probes[:, j].norm()
         assert abs(float(tau.sum()) - 1) < 1e-13
         assert abs(float((tau * theta).sum()) - float(q @ A @ q)) < 1e-12
@@ -123,11 +125,8 @@ def test_quadrature_identity_and_hutchinson_on_a_real_ggn(digits_mlp):
     probes = torch.randn(G.shape[0], 3, generator=gen, dtype=torch.float64)
     alpha, beta, lengths = _block_lanczos(G, probes, 40, True, torch.float64)
     for j in range(3):
-        m = lengths[j]
-        T = torch.diag(alpha[:m, j]) + torch.diag(beta[: m - 1, j], 1) + \
-            torch.diag(beta[: m - 1, j], -1)
-        theta, S = torch.linalg.eigh(T)
+        theta, tau = quadrature(alpha, beta, lengths, j)
         q = probes[:, j] / probes[:, j].norm()
-        assert abs(float((S[0] ** 2 * theta).sum()) - float(q @ dense @ q)) < 1e-12
+        assert abs(float((tau * theta).sum()) - float(q @ dense @ q)) < 1e-12
     est = pyflat.hutchinson_trace(G, 300, seed=4)
     assert abs(est.value - float(torch.trace(dense))) < 4 * est.stderr
