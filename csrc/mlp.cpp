@@ -16,46 +16,19 @@
 
 #include <c10/core/DeviceGuard.h>
 
-#include "cpu/cpu_kernels.h"
-
-#ifdef PYFLAT_WITH_CUDA
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include "cuda/cuda_kernels.h"
-#endif
+#include "glue.h"
 
 namespace pyflat {
 namespace {
 
-struct ActivationName {
-  const char* name;
-  Activation kind;
-};
-
-constexpr ActivationName kActivationNames[] = {
-    {"identity", Activation::Identity}, {"relu", Activation::ReLU},
-    {"leaky_relu", Activation::LeakyReLU}, {"tanh", Activation::Tanh},
-    {"sigmoid", Activation::Sigmoid}, {"gelu", Activation::GeluErf},
-    {"gelu_tanh", Activation::GeluTanh}, {"softplus", Activation::Softplus},
-    {"elu", Activation::ELU}, {"silu", Activation::SiLU},
-};
-
-Activation parse_activation(const char* op, const std::string& name, size_t index) {
-  std::ostringstream known;
-  for (const auto& entry : kActivationNames) {
-    if (name == entry.name) return entry.kind;
-    known << (known.tellp() > 0 ? ", " : "") << entry.name;
-  }
-  TORCH_CHECK(false, op, ": activations[", index, "] must be one of ", known.str(), "; got '",
-              name, "'");
-}
-
-double loss_scale(const char* op, const std::string& reduction, int64_t batch) {
-  if (reduction == "mean") return 1.0 / static_cast<double>(batch);
-  if (reduction == "sum") return 1.0;
-  TORCH_CHECK(false, op, ": reduction must be 'mean' or 'sum'; got '", reduction, "'");
-}
+using glue::check_device;
+using glue::check_like;
+using glue::check_shape;
+using glue::data;
+using glue::loss_scale;
+using glue::parallel_rows;
+using glue::parse_activation;
+using glue::shape_str;
 
 struct Layer {
   at::Tensor weight;  // (out, in)
@@ -77,26 +50,6 @@ struct Network {
   int64_t num_first = 0;
   int64_t num_curvature = 0;
 };
-
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
-
-void check_like(const char* op, const std::string& name, const at::Tensor& t,
-                const at::Tensor& input) {
-  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", name, " must have dtype ",
-              input.scalar_type(), " like input; got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on ", input.device(),
-              " like input; got ", t.device());
-}
-
-void check_shape(const char* op, const std::string& name, const at::Tensor& t,
-                 at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must be ", expected, ", got ",
-              shape_str(t));
-}
 
 std::string indexed(const char* list, size_t i) {
   return std::string(list) + "[" + std::to_string(i) + "]";
@@ -144,7 +97,7 @@ Network check_network(const char* op, const at::Tensor& input, at::TensorList we
       layer.bias_offset = net.num_params;
       net.num_params += layer.out;
     }
-    layer.activation = parse_activation(op, activations[l], l);
+    layer.activation = parse_activation(op, indexed("activations", l), activations[l]);
     if (!activation_is_identity(layer.activation)) layer.first_index = net.num_first++;
     if (activation_has_curvature(layer.activation)) layer.curvature_index = net.num_curvature++;
     width = layer.out;
@@ -164,51 +117,6 @@ void check_prepared(const char* op, const char* list_name, at::TensorList list,
     check_shape(op, name, list[i], {input.size(0), widths[i]});
     check_like(op, name, list[i], input);
   }
-}
-
-// Split [0, rows) over threads; each chunk gets at least `min_work` elements of work,
-// so that small problems run inline instead of paying a thread wake-up.
-template <typename Fn>
-void parallel_rows(int64_t rows, int64_t elements_per_row, const Fn& fn,
-                   int64_t min_work = 32768) {
-  const int64_t grain = std::max<int64_t>(1, min_work / std::max<int64_t>(1, elements_per_row));
-  at::parallel_for(0, rows, grain, fn);
-}
-
-void check_device(const char* op, const at::Tensor& t) {
-#ifdef PYFLAT_WITH_CUDA
-  const bool ok = t.device().is_cpu() || t.device().is_cuda();
-#else
-  const bool ok = t.device().is_cpu();
-#endif
-  TORCH_CHECK(ok, op, ": this build of pyflat has kernels for CPU",
-#ifdef PYFLAT_WITH_CUDA
-              " and CUDA",
-#endif
-              " tensors; got tensors on ", t.device());
-}
-
-// Runs one fused piece where the tensors live: the CPU loop split over rows, or the CUDA
-// kernel on the current stream with its launch checked.
-#ifdef PYFLAT_WITH_CUDA
-#define PYFLAT_LAUNCH(like, rows, work_per_row, params, name)                              \
-  do {                                                                                     \
-    if ((like).is_cuda()) {                                                                \
-      C10_CUDA_CHECK(cuda::name(params,                                                    \
-                                c10::cuda::getCurrentCUDAStream((like).device().index())   \
-                                    .stream()));                                           \
-    } else {                                                                               \
-      parallel_rows(rows, work_per_row, [&](int64_t b, int64_t e) { cpu::name(params, b, e); }); \
-    }                                                                                      \
-  } while (0)
-#else
-#define PYFLAT_LAUNCH(like, rows, work_per_row, params, name) \
-  parallel_rows(rows, work_per_row, [&](int64_t b, int64_t e) { cpu::name(params, b, e); })
-#endif
-
-template <typename T>
-T* data(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
 // GEMMs with a dimension of at most this many go to csrc/cpu/small_gemm_kernel.cpp.

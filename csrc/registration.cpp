@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "layers.h"
 #include "mlp.h"
 
 extern "C" PyObject* PyInit__C(void) {
@@ -30,19 +31,40 @@ TORCH_LIBRARY(pyflat, m) {
       "mlp_hessian_matmat(Tensor input, Tensor[] weights, Tensor?[] biases, "
       "str[] activations, Tensor probs, Tensor[] hidden, Tensor[] first_derivs, "
       "Tensor[] deltas, Tensor[] curvatures, Tensor directions, str reduction) -> Tensor");
+
+  // Per-layer pieces of the graph engine (convnets, residual networks): primal tensors
+  // are (batch, features...), tangents and deltas of k directions (batch, k, features...).
+  // (value, s', s'') of an activation; s'' has 0 elements unless with_second.
+  m.def(
+      "activation_forward(Tensor z, str activation, float param0, float param1, "
+      "bool with_second) -> (Tensor, Tensor, Tensor)");
+  // s' * tangent.
+  m.def("activation_tangent(Tensor first, Tensor tangent) -> Tensor");
+  // delta <- s' * delta (+ curvature * tangent_in), in place.
+  m.def(
+      "activation_delta_(Tensor(a!) delta, Tensor? first, Tensor? curvature, "
+      "Tensor? tangent_in) -> ()");
+  // (loss, probs, dloss/dlogits) of the cross-entropy.
+  m.def("softmax_cross_entropy(Tensor logits, Tensor target, str reduction) -> "
+        "(Tensor, Tensor, Tensor)");
+  // The loss Hessian on k tangents of the logits, (batch, k, classes).
+  m.def("softmax_hessian(Tensor probs, Tensor tangent, str reduction) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(pyflat, CPU, m) {
-  m.impl("mlp_forward", &pyflat::mlp_forward);
-  m.impl("mlp_ggn_matmat", &pyflat::mlp_ggn_matmat);
-  m.impl("mlp_hessian_matmat", &pyflat::mlp_hessian_matmat);
-}
+#define PYFLAT_IMPL_ALL(m)                                              \
+  m.impl("mlp_forward", &pyflat::mlp_forward);                          \
+  m.impl("mlp_ggn_matmat", &pyflat::mlp_ggn_matmat);                    \
+  m.impl("mlp_hessian_matmat", &pyflat::mlp_hessian_matmat);            \
+  m.impl("activation_forward", &pyflat::activation_forward);            \
+  m.impl("activation_tangent", &pyflat::activation_tangent);            \
+  m.impl("activation_delta_", &pyflat::activation_delta_);              \
+  m.impl("softmax_cross_entropy", &pyflat::softmax_cross_entropy);      \
+  m.impl("softmax_hessian", &pyflat::softmax_hessian)
+
+TORCH_LIBRARY_IMPL(pyflat, CPU, m) { PYFLAT_IMPL_ALL(m); }
 
 #ifdef PYFLAT_WITH_CUDA
-// The same glue: GEMMs through ATen (cuBLAS), the fused pieces from csrc/cuda.
-TORCH_LIBRARY_IMPL(pyflat, CUDA, m) {
-  m.impl("mlp_forward", &pyflat::mlp_forward);
-  m.impl("mlp_ggn_matmat", &pyflat::mlp_ggn_matmat);
-  m.impl("mlp_hessian_matmat", &pyflat::mlp_hessian_matmat);
-}
+// The same glue: GEMMs and convolutions through ATen (cuBLAS, cuDNN), the fused pieces
+// from csrc/cuda.
+TORCH_LIBRARY_IMPL(pyflat, CUDA, m) { PYFLAT_IMPL_ALL(m); }
 #endif

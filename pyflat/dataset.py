@@ -99,7 +99,7 @@ class DatasetCurvature(CurvatureOperator):
             num_batches += 1
             num_samples += op.num_samples
             loss_sum += op.loss
-            size = _prepared_bytes(op)
+            size = op._prepared_bytes()
             if len(self._cached) == num_batches - 1 and held + size <= cache_bytes:
                 self._cached.append(op)
                 held += size
@@ -163,12 +163,3 @@ class DatasetCurvature(CurvatureOperator):
         if self.weight_decay:  # once, after the reduction
             out.add_(V, alpha=self.weight_decay)
         return out
-
-
-def _prepared_bytes(op) -> int:
-    prepared = getattr(op, "_prepared", None)
-    if prepared is None:  # the reference backend keeps only the batch and the parameters
-        return sum(t.numel() * t.element_size() for t in op._reference._functions.param_tuple)
-    tensors = [prepared.loss, prepared.probs, *prepared.hidden, *prepared.first_derivs,
-               *prepared.deltas, *prepared.curvatures, op._input]
-    return sum(t.numel() * t.element_size() for t in tensors)

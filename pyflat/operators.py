@@ -8,6 +8,7 @@ tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()]
 from __future__ import annotations
 
 import abc
+import math
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -295,9 +296,10 @@ def check_labels(y: torch.Tensor, num_classes: int, caller: str) -> None:
         raise ValueError(f"{caller}: y must hold class indices in [0, {num_classes}), got {bad}")
 
 
-def _model_dtype_device(spec: MLPSpec, caller: str) -> tuple[torch.dtype, torch.device]:
-    dtypes = {p.dtype for p in spec.parameters}
-    devices = {p.device for p in spec.parameters}
+def _model_dtype_device(parameters: Sequence[torch.Tensor], paths: Sequence[str],
+                        caller: str) -> tuple[torch.dtype, torch.device]:
+    dtypes = {p.dtype for p in parameters}
+    devices = {p.device for p in parameters}
     if len(dtypes) != 1 or len(devices) != 1:
         raise TypeError(f"{caller}: all parameters must share one dtype and device, got "
                         f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
@@ -308,7 +310,7 @@ def _model_dtype_device(spec: MLPSpec, caller: str) -> tuple[torch.dtype, torch.
                                                            device.type.upper()):
         raise ValueError(f"{caller}: this build of pyflat has no kernels for {device.type} "
                          f"devices; the model is on {device}")
-    for p, path in zip(spec.parameters, _parameter_paths(spec)):
+    for p, path in zip(parameters, paths):
         if not bool(torch.isfinite(p).all()):
             raise ValueError(f"{caller}: parameter '{path}' holds NaN or inf")
     return dtype, device
@@ -364,22 +366,35 @@ class _MLPCurvature(CurvatureOperator):
             self._init_dataset(model, data, backend, batch_size, cache_bytes,
                                check_determinism, caller, distributed, process_group)
             return
-        spec = None
+        _check_eval_mode(model, caller)
         if backend != "reference":
+            # the MLP engine (one op per product) where the model is a chain of Linear
+            # layers; else the graph engine (convnets, residual networks)
             try:
                 spec = parse_mlp(model, caller)
+            except TypeError:
+                spec = None
+            if spec is not None:
+                self._init_mlp(spec, data, caller)
+                return
+            try:
+                self._init_graph(model, data, caller)
+                return
             except TypeError as err:
                 if backend == "fused":
                     raise
                 warnings.warn(f"{err}. Falling back to the autograd reference backend "
                               "(exact, slower); backend='reference' chooses it without this "
                               "warning, backend='fused' makes this an error.", stacklevel=3)
-        if spec is None:
-            self._init_reference(model, data, caller)
-            return
+        self._init_reference(model, data, caller)
+
+    def _init_mlp(self, spec: MLPSpec, data, caller: str) -> None:
+        """The MLP engine: one fused op per product."""
         #: which engine computes the products: "fused" or "reference" (autograd)
         self.backend = "fused"
-        dtype, device = _model_dtype_device(spec, caller)
+        #: which fused engine: "mlp" (chains of Linear layers) or "graph" (any captured graph)
+        self.engine = "mlp"
+        dtype, device = _model_dtype_device(spec.parameters, _parameter_paths(spec), caller)
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
         X = spec.transform_input(X)
         if X.dim() != 2 or X.shape[1] != spec.in_features:
@@ -396,7 +411,7 @@ class _MLPCurvature(CurvatureOperator):
         with full_precision(device):
             self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
                                              self._activations, spec.activation_params,
-                                             reduction, with_hessian_terms=self._exact)
+                                             self.reduction, with_hessian_terms=self._exact)
         self.num_samples = X.shape[0]
         self.num_classes = spec.num_classes
         #: the cross-entropy (without the L2 term) at the prepared batch
@@ -405,6 +420,43 @@ class _MLPCurvature(CurvatureOperator):
         # GGN and 3 for the Hessian (it keeps Ra and, for curved activations, Rz)
         widths = sum(w.shape[0] + w.shape[1] for w in self._weights)
         self._bytes_per_direction = max(1, self.num_samples * widths * X.element_size() *
+                                        (3 if self._exact else 2))
+
+    def _init_graph(self, model: nn.Module, data, caller: str) -> None:
+        """The graph engine: convnets and residual networks, captured with torch.fx."""
+        from ._graph import GraphEngine, capture
+
+        graph = capture(model, caller)
+        if not graph.parameters:
+            raise TypeError(f"{caller}: model {type(model).__name__} has no parameters")
+        paths = [name for name, _ in model.named_parameters()]
+        dtype, device = _model_dtype_device(graph.parameters, paths, caller)
+        X, y = check_batch(data, dtype, device, None, caller)
+        with full_precision(device):
+            engine = GraphEngine(graph, X, self.reduction, self._exact, caller)
+            check_labels(y, engine.num_classes, caller)
+            engine.prepare_loss(y)
+            with torch.no_grad():
+                expected = model(X)
+        # the captured graph must compute the model: a forward that does more than the
+        # trace saw (hooks, state) would otherwise give products of another function
+        scale = float(expected.abs().max()) or 1.0
+        tol = 1e-4 if dtype == torch.float32 else 1e-10
+        if expected.shape != engine.logits.shape or \
+                float((expected - engine.logits).abs().max()) > tol * scale:
+            raise TypeError(f"{caller}: the graph captured from {type(model).__name__} does not "
+                            "reproduce model(X) (forward hooks, or state the trace cannot see?)")
+        self.backend, self.engine = "fused", "graph"
+        super().__init__([p.shape for p in graph.parameters], dtype, device)
+        self.parameters = list(graph.parameters)
+        self._graph_engine = engine
+        self.num_samples = X.shape[0]
+        self.num_classes = engine.num_classes
+        self.loss = float(engine.loss)
+        # tangents per direction: every node's output per sample, ~2 live copies (GGN),
+        # 3 (Hessian: tangents are kept for the backward)
+        per_sample = sum(math.prod(s) for s in engine.shapes)
+        self._bytes_per_direction = max(1, self.num_samples * per_sample * X.element_size() *
                                         (3 if self._exact else 2))
 
     def _init_dataset(self, model, data, backend, batch_size, cache_bytes, check_determinism,
@@ -468,6 +520,7 @@ class _MLPCurvature(CurvatureOperator):
         check_labels(y, logits.shape[1], caller)
         super().__init__([p.shape for p in params], dtype, device)
         self.backend = "reference"
+        self.engine = None
         self.parameters = params
         reference_type = ReferenceHessian if self._exact else ReferenceGGN
         self._reference = reference_type(model, (X, y), reduction=self.reduction,
@@ -475,6 +528,18 @@ class _MLPCurvature(CurvatureOperator):
         self.num_samples = X.shape[0]
         self.num_classes = logits.shape[1]
         self.loss = float(torch.nn.functional.cross_entropy(logits, y, reduction=self.reduction))
+
+    def _prepared_bytes(self) -> int:
+        """Memory the prepared batch holds (what a data set's cache budget counts)."""
+        if self.backend == "reference":  # only the batch and the parameters
+            return sum(t.numel() * t.element_size()
+                       for t in self._reference._functions.param_tuple)
+        if self.engine == "graph":
+            return self._graph_engine.prepared_bytes()
+        prepared = self._prepared
+        tensors = [prepared.loss, prepared.probs, *prepared.hidden, *prepared.first_derivs,
+                   *prepared.deltas, *prepared.curvatures, self._input]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     #: upper bound on the tangent memory of one product call; wider blocks are split
     block_memory_bytes: int = 1 << 30
@@ -500,6 +565,9 @@ class _MLPCurvature(CurvatureOperator):
 
     def _product(self, directions: torch.Tensor) -> torch.Tensor:
         """The op on a (k, P) block of directions (rows), returning (k, P)."""
+        if self.engine == "graph":
+            with full_precision(self._device):
+                return self._graph_engine.matmat(directions)
         product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
         if self._device.type == "cpu":
             return product(self._input, self._weights, self._biases, self._activations,

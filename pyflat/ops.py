@@ -11,6 +11,9 @@ Layout conventions:
   (``"identity"`` for none; the last layer's output are the logits).
 * A block of k directions is a (k, P) tensor: each row is one direction with the
   parameters flattened layer by layer, weight (row-major) then bias.
+* The per-layer ops (``activation_*``, ``softmax_*``), which the graph engine for convnets
+  and residual networks calls, take primal tensors as (B, features...) and tangents or
+  deltas of k directions as (B, k, features...).
 """
 from __future__ import annotations
 
@@ -25,6 +28,11 @@ __all__ = [
     "mlp_forward",
     "mlp_ggn_matmat",
     "mlp_hessian_matmat",
+    "activation_forward",
+    "activation_tangent",
+    "activation_delta_",
+    "softmax_cross_entropy",
+    "softmax_hessian",
 ]
 
 #: Activation names the engine knows; ``activation_params`` holds two numbers per layer:
@@ -99,6 +107,41 @@ def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
         directions, reduction)
 
 
+def activation_forward(z: torch.Tensor, activation: str, param0: float = 0.0,
+                       param1: float = 0.0, with_second: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(s(z), s'(z), s''(z) or None) of an activation named as in :data:`ACTIVATIONS`."""
+    value, first, second = torch.ops.pyflat.activation_forward.default(
+        z, activation, float(param0), float(param1), with_second)
+    return value, first, second if with_second else None
+
+
+def activation_tangent(first: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """s' * tangent: first (B, f...), tangent (B, k, f...) -> (B, k, f...)."""
+    return torch.ops.pyflat.activation_tangent.default(first, tangent)
+
+
+def activation_delta_(delta: torch.Tensor, first: Optional[torch.Tensor],
+                      curvature: Optional[torch.Tensor] = None,
+                      tangent_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In place on a contiguous delta (B, k, f...): delta = s' * delta + curvature *
+    tangent_in (the second term for exact Hessians, curvature = s'' * dloss/ds)."""
+    torch.ops.pyflat.activation_delta_.default(delta, first, curvature, tangent_in)
+    return delta
+
+
+def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, probs, dloss/dlogits) of the cross-entropy; logits (B, C), target (B,)."""
+    return torch.ops.pyflat.softmax_cross_entropy.default(logits, target, reduction)
+
+
+def softmax_hessian(probs: torch.Tensor, tangent: torch.Tensor, reduction: str = "mean"
+                    ) -> torch.Tensor:
+    """The cross-entropy's Hessian w.r.t. the logits on k tangents: (B, k, C) -> (B, k, C)."""
+    return torch.ops.pyflat.softmax_hessian.default(probs, tangent, reduction)
+
+
 def _num_params(weights, biases):
     total = 0
     for w, b in zip(weights, biases):
@@ -137,3 +180,30 @@ def _mlp_ggn_matmat_fake(input, weights, biases, activations, probs, hidden, fir
 def _mlp_hessian_matmat_fake(input, weights, biases, activations, probs, hidden,
                              first_derivs, deltas, curvatures, directions, reduction):
     return directions.new_empty((directions.shape[0], _num_params(weights, biases)))
+
+
+@torch.library.register_fake("pyflat::activation_forward")
+def _activation_forward_fake(z, activation, param0, param1, with_second):
+    second = torch.empty_like(z) if with_second else z.new_empty((0,))
+    return torch.empty_like(z), torch.empty_like(z), second
+
+
+@torch.library.register_fake("pyflat::activation_tangent")
+def _activation_tangent_fake(first, tangent):
+    return torch.empty_like(tangent, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pyflat::activation_delta_")
+def _activation_delta_fake(delta, first, curvature, tangent_in):
+    return None
+
+
+@torch.library.register_fake("pyflat::softmax_cross_entropy")
+def _softmax_cross_entropy_fake(logits, target, reduction):
+    return (logits.new_empty(()), torch.empty_like(logits, memory_format=torch.contiguous_format),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("pyflat::softmax_hessian")
+def _softmax_hessian_fake(probs, tangent, reduction):
+    return torch.empty_like(tangent, memory_format=torch.contiguous_format)

@@ -27,26 +27,37 @@ class Custom(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return self.fc(x) * 2
+        return self.fc(x).softmax(-1)
 
 
 @pytest.mark.parametrize("model, message", [
     (nn.Sequential(nn.Linear(4, 6), nn.Conv1d(1, 1, 1), nn.Linear(6, 3)),
-     "unsupported module Conv1d at '1': the fused engine supports Linear"),
+     r"Conv1d at '1' gets input of shape \(8, 6\); it takes \(batch, 1, ...\)"),
     (nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Tanh(), nn.LayerNorm(6)), nn.Linear(6, 3)),
-     "unsupported module LayerNorm at '1.1'"),
-    (Custom(), r"unsupported module Custom at .<model>.: a module with its own forward\(\)"),
-    (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Tanh(), nn.Linear(6, 3)),
-     "unsupported module Tanh at '2': it directly follows the activation at '1'"),
-    (nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5), nn.Linear(6, 3)),
-     r"Dropout at .1.: Dropout is in training mode.*call model.eval\(\)"),
-    (nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(4, 3)),
-     r"only Flatten\(start_dim=1, end_dim=-1\) is supported, got start_dim=0"),
-    (nn.Sequential(nn.ReLU(), nn.Identity()), "model has no Linear layer"),
+     "unsupported module LayerNorm at '1.1': the fused engine supports Linear, Conv1d, Conv2d"),
+    (Custom(), r"unsupported call_method 'softmax' \(node 'softmax'\)"),
+    (nn.Sequential(nn.Flatten(start_dim=0), nn.Linear(32, 3)),
+     r"Flatten at '0' does not keep the batch axis \(output \(32,\) for a batch of 8\)"),
+    (nn.Sequential(nn.ReLU(), nn.Identity()), "model Sequential has no parameters"),
+    (nn.Sequential(nn.Conv2d(1, 2, 2, padding_mode="circular"), nn.Flatten()),
+     "unsupported module Conv2d at '0': padding_mode 'circular'"),
+    (nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False).eval(),
+                   nn.Linear(6, 3)),
+     "BatchNorm1d at '1': track_running_stats=False"),
 ])
 def test_unsupported_models_are_named(model, message):
     with pytest.raises(TypeError, match=message):
         pyflat.GGN(model.double(), data(), backend="fused")
+
+
+@pytest.mark.parametrize("module", [nn.Dropout(0.5), nn.BatchNorm1d(6)])
+def test_training_mode_is_refused_before_any_backend(module):
+    model = nn.Sequential(nn.Linear(4, 6), module, nn.Linear(6, 3)).double()
+    for backend in ("auto", "fused", "reference"):
+        with pytest.raises(ValueError, match=rf"{type(module).__name__} at '1' is in training "
+                                             r"mode; curvature is measured in eval mode: call "
+                                             r"model.eval\(\) first"):
+            pyflat.GGN(model, data(), backend=backend)
 
 
 def test_shared_layer_is_refused():

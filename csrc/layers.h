@@ -1,0 +1,37 @@
+// ATen glue of the per-layer pieces the graph engine (pyflat/_graph.py) calls for models
+// that are not plain MLPs: convnets, residual networks. Convolutions, pooling and GEMMs
+// run through ATen there; these ops are the fused per-element parts, on primal tensors
+// (B, features...) and tangents or deltas for k directions (B, k, features...).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+namespace pyflat {
+
+// (value, s', s'') of an activation at z; s'' is empty (0 elements) unless with_second.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> activation_forward(const at::Tensor& z,
+                                                                  const std::string& activation,
+                                                                  double param0, double param1,
+                                                                  bool with_second);
+
+// s' * tangent for k directions: first (B, f...), tangent (B, k, f...).
+at::Tensor activation_tangent(const at::Tensor& first, const at::Tensor& tangent);
+
+// In place on delta (B, k, f...): delta = s' * delta (+ curvature * tangent_in).
+void activation_delta_(at::Tensor& delta, const std::optional<at::Tensor>& first,
+                       const std::optional<at::Tensor>& curvature,
+                       const std::optional<at::Tensor>& tangent_in);
+
+// (loss, probs, dloss/dlogits) of the cross-entropy on logits (B, C) and labels (B,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy(
+    const at::Tensor& logits, const at::Tensor& target, const std::string& reduction);
+
+// The loss Hessian on k tangents of the logits: (B, k, C) -> (B, k, C).
+at::Tensor softmax_hessian(const at::Tensor& probs, const at::Tensor& tangent,
+                           const std::string& reduction);
+
+}  // namespace pyflat

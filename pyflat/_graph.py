@@ -1,0 +1,752 @@
+"""The graph engine: GGN and exact Hessian products of convnets and residual networks.
+
+A model is captured once with torch.fx into a list of nodes of the kinds below; the
+forward pass of a batch is prepared once (activations' s' and s'', max-pooling argmax,
+BatchNorm's normalised input, softmax probabilities and, for the exact Hessian, the
+gradient deltas of every node); every product then runs Pearlmutter's R-forward and the
+backward over the nodes for k directions at once (DESIGN.md, "Recurrences" and "the
+tangent layout"): tangents and deltas are (B, k, features...), so each convolution or
+GEMM term is one call for all k directions. Convolutions, pooling and GEMMs run through
+ATen (oneDNN / cuDNN / BLAS); the per-element pieces through pyflat's own kernels.
+
+Node kinds and their rules (R = directional derivative, D = delta, e = gradient delta):
+
+* linear, conv:  Rz = conv(Ra, W) + conv(a, V) + c;  grad V = D * a (+ e * Ra);
+  D_a = D * W (+ e * V).  Grouped convolutions order the stacked channels (group,
+  direction, channel) so that each direction stays inside its group.
+* activation:    Ra = s' Rz;  D_z = s' D (+ s'' e_a Rz).
+* max pooling:   tangents gathered at the forward's argmax, deltas routed back to it.
+* average pooling, adaptive average pooling, reshapes, identity: linear maps applied to
+  tangents, their adjoints to deltas.
+* batch norm (eval mode): y = g xhat + beta, xhat = (x - mean) / sd with running
+  statistics; Ry = g/sd Rx + Rg xhat + Rbeta; grad Rg = D xhat (+ e Rx / sd),
+  D_x = g/sd D (+ e Rg / sd).
+* add: tangents add; deltas go to both inputs (and add where a value fans out).
+* scale (x * number, x / number): tangents and deltas scaled alike.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import ops
+from ._model import _ACTIVATIONS
+
+__all__ = ["Graph", "GraphEngine", "Node", "SUPPORTED", "capture"]
+
+#: what the graph engine takes, for messages and documentation
+SUPPORTED = ("Linear", "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
+             "BatchNorm1d", "BatchNorm2d (eval mode)", "Flatten", "Dropout (eval mode)",
+             "Identity", "activations (" + ", ".join(t.__name__ for t in _ACTIVATIONS) + ")",
+             "residual additions", "products with a number",
+             "view / reshape / flatten that keep the batch axis")
+
+_FUNCTION_ACTIVATIONS = {
+    F.relu: lambda a, kw: ("relu", 0.0, 0.0),
+    torch.relu: lambda a, kw: ("relu", 0.0, 0.0),
+    torch.tanh: lambda a, kw: ("tanh", 0.0, 0.0),
+    torch.sigmoid: lambda a, kw: ("sigmoid", 0.0, 0.0),
+    F.silu: lambda a, kw: ("silu", 0.0, 0.0),
+    F.gelu: lambda a, kw: ("gelu" if kw.get("approximate", "none") == "none" else "gelu_tanh",
+                           0.0, 0.0),
+}
+_METHOD_ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+# functional pooling -> (module type, its positional parameters after the input)
+_FUNCTION_POOLS = {
+    F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                  "return_indices")),
+    F.avg_pool2d: (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
+                                  "count_include_pad", "divisor_override")),
+    F.adaptive_avg_pool2d: (nn.AdaptiveAvgPool2d, ("output_size",)),
+}
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout)
+
+
+@dataclass
+class Node:
+    """One step of the captured model. ``inputs`` index earlier nodes; ``path`` says
+    where it comes from (module path or function), for messages."""
+
+    kind: str
+    path: str
+    inputs: list[int] = field(default_factory=list)
+    module: Optional[nn.Module] = None
+    activation: tuple[str, float, float] = ("identity", 0.0, 0.0)
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    fx_node: Optional[fx.Node] = None  # reshapes by method or function: rerun on the primal
+    factor: float = 1.0                # scale nodes: x * factor
+
+    @property
+    def label(self) -> str:
+        """How messages name the node: "Conv2d at 'layer1.0.conv1'", "function relu 'x_1'"."""
+        if self.module is not None and not self.path.startswith("function "):
+            return f"{type(self.module).__name__} at '{self.path}'"
+        return self.path
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    output: int
+    parameters: list[nn.Parameter]   # model.parameters() order: the flat layout
+    offsets: dict[int, int]          # id(parameter) -> its offset in a flat direction
+    steps: list[tuple[fx.Node, Optional[int]]]  # traced order: (fx node, engine node or None)
+
+
+def _unsupported(caller: str, what: str, why: str = "") -> TypeError:
+    reason = why or "the fused engine supports " + ", ".join(SUPPORTED)
+    return TypeError(f"{caller}: unsupported {what}: {reason}")
+
+
+def _module_node(caller: str, path: str, module: nn.Module) -> Node:
+    kind = type(module)
+    if kind is nn.Linear:
+        return Node("linear", path, module=module)
+    if kind in (nn.Conv1d, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
+                               f"padding_mode '{module.padding_mode}' (only 'zeros')")
+        if isinstance(module.padding, str) and module.padding == "same" and any(
+                d * (s - 1) % 2 for d, s in zip(module.dilation, module.kernel_size)):
+            raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
+                               "padding='same' with an even receptive field pads unevenly")
+        return Node("conv", path, module=module)
+    if kind in _ACTIVATIONS:
+        return Node("activation", path, module=module, activation=_ACTIVATIONS[kind](module))
+    if kind is nn.MaxPool2d:
+        return Node("maxpool", path, module=module)
+    if kind is nn.AvgPool2d:
+        return Node("avgpool", path, module=module)
+    if kind is nn.AdaptiveAvgPool2d:
+        return Node("adaptive_avgpool", path, module=module)
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if module.running_mean is None:
+            raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
+                               "track_running_stats=False normalises with batch statistics "
+                               "even in eval mode; the engine takes running statistics")
+        if module.training:
+            raise TypeError(f"{caller}: {kind.__name__} at '{path}' is in training mode; "
+                            "curvature is measured in eval mode: call model.eval() first")
+        return Node("batchnorm", path, module=module)
+    if kind is nn.Flatten:
+        return Node("reshape", path, module=module)
+    if kind in _PASS_MODULES:
+        if module.training and getattr(module, "p", 0) > 0:
+            raise TypeError(f"{caller}: {kind.__name__} at '{path}' is in training mode, so "
+                            "every product would draw a new mask; call model.eval() first")
+        return Node("identity", path, module=module)
+    raise _unsupported(caller, f"module {kind.__name__} at '{path}'")
+
+
+def capture(model: nn.Module, caller: str) -> Graph:
+    """Traces ``model`` with torch.fx into engine nodes, or raises TypeError naming the
+    module or function the engine cannot take."""
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as err:  # fx raises many kinds: control flow on values, unsupported ops
+        raise TypeError(f"{caller}: torch.fx cannot trace {type(model).__name__} "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                        "; the fused engine needs a traceable forward") from None
+    nodes: list[Node] = []
+    index: dict[fx.Node, int] = {}   # fx node -> engine node
+    values: set[fx.Node] = set()     # non-tensor values (sizes): only reshapes read them
+    steps: list[tuple[fx.Node, Optional[int]]] = []
+    output = None
+
+    def tensor_input(arg, where: str) -> int:
+        if not isinstance(arg, fx.Node) or arg not in index:
+            raise _unsupported(caller, where, f"its input {arg!r} is not a tensor of the model")
+        return index[arg]
+
+    for n in traced.graph.nodes:
+        if n.op == "placeholder":
+            if any(node.kind == "input" for node in nodes):
+                raise _unsupported(caller, f"input '{n.target}'",
+                                   "the model must take one tensor argument")
+            node = Node("input", n.target)
+        elif n.op == "call_module":
+            module = model.get_submodule(n.target)
+            node = _module_node(caller, n.target, module)
+            node.inputs = [tensor_input(n.args[0], f"module at '{n.target}'")]
+            if len(n.args) != 1 or n.kwargs:
+                raise _unsupported(caller, f"call of module at '{n.target}'",
+                                   "modules must be called on one tensor")
+        elif n.op == "call_function" and n.target in (operator.add, torch.add):
+            where = f"addition '{n.name}'"
+            if n.kwargs or len(n.args) != 2:
+                raise _unsupported(caller, where, "only a + b without alpha")
+            tensors = [a for a in n.args if isinstance(a, fx.Node) and a in index]
+            if len(tensors) == 2:
+                node = Node("add", where, inputs=[index[a] for a in tensors])
+            elif len(tensors) == 1 and isinstance([a for a in n.args if a not in tensors][0],
+                                                  (int, float)):
+                node = Node("identity", where, inputs=[index[tensors[0]]])  # x + constant
+            else:
+                raise _unsupported(caller, where, "both terms must be tensors of the model, "
+                                   "or one a number")
+        elif n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.truediv):
+            where = f"{n.target.__name__} '{n.name}'"
+            a, b = (n.args + (None,))[:2] if len(n.args) == 2 else (None, None)
+            if n.target is not operator.truediv and isinstance(a, (int, float)):
+                a, b = b, a
+            if n.kwargs or not isinstance(b, (int, float)) or isinstance(b, bool) or \
+                    not isinstance(a, fx.Node) or a not in index:
+                raise _unsupported(caller, where, "only a tensor times or over a number")
+            factor = 1.0 / b if n.target is operator.truediv else float(b)
+            node = Node("scale", where, inputs=[index[a]], factor=factor)
+        elif n.op == "call_function" and n.target in _FUNCTION_ACTIVATIONS:
+            act = _FUNCTION_ACTIVATIONS[n.target](n.args[1:], n.kwargs)
+            node = Node("activation", f"function {n.target.__name__} '{n.name}'",
+                        inputs=[tensor_input(n.args[0], n.name)], activation=act)
+        elif n.op == "call_method" and n.target in _METHOD_ACTIVATIONS and len(n.args) == 1:
+            node = Node("activation", f"method {n.target} '{n.name}'",
+                        inputs=[tensor_input(n.args[0], n.name)],
+                        activation=(_METHOD_ACTIVATIONS[n.target], 0.0, 0.0))
+        elif n.op == "call_function" and n.target in _FUNCTION_POOLS:
+            # the module is built on the prepared forward: sizes may be traced values
+            kinds = {nn.MaxPool2d: "maxpool", nn.AvgPool2d: "avgpool",
+                     nn.AdaptiveAvgPool2d: "adaptive_avgpool"}
+            node = Node(kinds[_FUNCTION_POOLS[n.target][0]],
+                        f"function {n.target.__name__} '{n.name}'",
+                        inputs=[tensor_input(n.args[0], n.name)], fx_node=n)
+        elif (n.op == "call_function" and n.target is torch.flatten) or (
+                n.op == "call_method" and n.target in ("view", "reshape", "flatten")):
+            node = Node("reshape", f"{n.target if isinstance(n.target, str) else 'flatten'} "
+                        f"'{n.name}'", inputs=[tensor_input(n.args[0], n.name)], fx_node=n)
+        elif n.op == "call_method" and n.target == "contiguous":
+            node = Node("identity", f"contiguous '{n.name}'",
+                        inputs=[tensor_input(n.args[0], n.name)])
+        elif (n.op == "call_method" and n.target == "size") or (
+                n.op == "call_function" and n.target is getattr and n.args[1] == "shape") or (
+                n.op == "call_function" and n.target is operator.getitem
+                and isinstance(n.args[0], fx.Node) and n.args[0] in values):
+            values.add(n)  # sizes, evaluated on the prepared forward for the reshapes
+            steps.append((n, None))
+            continue
+        elif n.op == "output":
+            if not isinstance(n.args[0], fx.Node) or n.args[0] not in index:
+                raise _unsupported(caller, "model output",
+                                   "the model must return one tensor of logits")
+            output = index[n.args[0]]
+            continue
+        else:
+            target = getattr(n.target, "__name__", n.target)
+            raise _unsupported(caller, f"{n.op} '{target}' (node '{n.name}')")
+        index[n] = len(nodes)
+        steps.append((n, len(nodes)))
+        nodes.append(node)
+    if output is None:
+        raise _unsupported(caller, "model", "it returns no tensor")
+
+    parameters = list(model.parameters())
+    offsets, offset = {}, 0
+    for p in parameters:
+        offsets[id(p)] = offset
+        offset += p.numel()
+    owner: dict[int, str] = {}
+    for node in nodes:
+        if node.kind in ("linear", "conv", "batchnorm"):
+            for name in ("weight", "bias"):
+                p = getattr(node.module, name, None)
+                if p is None:
+                    continue
+                if id(p) in owner:
+                    raise TypeError(f"{caller}: parameter '{node.path}.{name}' is also used at "
+                                    f"'{owner[id(p)]}'; shared parameters are not supported by "
+                                    "the fused engine")
+                if id(p) not in offsets:
+                    raise TypeError(f"{caller}: '{node.path}.{name}' is not among "
+                                    "model.parameters()")
+                owner[id(p)] = node.path
+                node.params[name] = p
+    return Graph(nodes, output, parameters, offsets, steps)
+
+
+def _pool_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in) averaging matrix of adaptive average pooling along one axis."""
+    m = torch.zeros(size_out, size_in, dtype=like.dtype, device=like.device)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def _conv_params(module: nn.Module) -> dict[str, Any]:
+    padding = module.padding
+    if isinstance(padding, str):
+        padding = [0 if padding == "valid" else d * (s - 1) // 2
+                   for d, s in zip(module.dilation, module.kernel_size)]
+    return {"stride": list(module.stride), "padding": list(padding),
+            "dilation": list(module.dilation), "groups": module.groups}
+
+
+def _conv(x, weight, p, transposed=False, output_padding=None):
+    dims = len(p["stride"])
+    return torch.ops.aten.convolution(x, weight, None, p["stride"], p["padding"], p["dilation"],
+                                      transposed, output_padding or [0] * dims, p["groups"])
+
+
+def _conv_weight_grad(grad_out, x, weight_shape, p):
+    """Gradient w.r.t. a convolution's weight of <grad_out, conv(x, W)> (the weight's
+    values are not read; only its shape)."""
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, grad_out.new_empty(weight_shape), None, p["stride"], p["padding"],
+        p["dilation"], False, [0] * len(p["stride"]), p["groups"], [False, True, False])[1]
+
+
+class GraphEngine:
+    """Prepared forward of one batch through a captured graph, and the products on it.
+
+    Construction runs the forward to the logits; :meth:`prepare_loss` then takes the
+    labels (checked by the caller against ``num_classes``) and prepares the rest.
+
+    Args:
+        graph: from :func:`capture`.
+        X: the batch's inputs.
+        reduction: "mean" or "sum".
+        exact: prepare the gradient deltas the exact Hessian needs.
+    """
+
+    def __init__(self, graph: Graph, X: torch.Tensor, reduction: str, exact: bool,
+                 caller: str):
+        self.graph, self.reduction, self.exact, self.caller = graph, reduction, exact, caller
+        nodes = graph.nodes
+        self.batch = X.shape[0]
+        # whether a node's value depends on the parameters: only those carry tangents
+        self.carries = [False] * len(nodes)
+        for i, node in enumerate(nodes):
+            self.carries[i] = bool(node.params) or any(self.carries[j] for j in node.inputs)
+        self.users: list[list[int]] = [[] for _ in nodes]
+        for i, node in enumerate(nodes):
+            for j in node.inputs:
+                self.users[j].append(i)
+        self.param_views = {}  # per node: weight/bias snapshots
+        for node in nodes:
+            self.param_views[id(node)] = {k: p.detach().clone() for k, p in node.params.items()}
+        self._forward(X)
+
+    # ---------------------------------------------------------------- forward
+    def _forward(self, X: torch.Tensor) -> None:
+        nodes, B = self.graph.nodes, self.batch
+        values: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        self.cache: list[dict[str, Any]] = [dict() for _ in nodes]
+        env: dict[fx.Node, Any] = {}  # traced values by fx node, for sizes and reshapes
+        with torch.no_grad():
+            for n, i in self.graph.steps:
+                if i is None:
+                    env[n] = _run_fx_node(n, env)
+                    continue
+                node = nodes[i]
+                x = values[node.inputs[0]] if node.inputs else X
+                values[i] = env[n] = self._forward_node(i, node, x, values, env)
+                if values[i].dim() == 0 or values[i].shape[0] != B:
+                    raise TypeError(f"{self.caller}: {node.label} does not keep the batch axis "
+                                    f"(output {tuple(values[i].shape)} for a batch of {B}); "
+                                    "the engine needs one output row per sample")
+        logits = values[self.graph.output]
+        if logits.dim() != 2:
+            raise ValueError(f"{self.caller}: the model must map X to logits of shape "
+                             f"({B}, classes), got {tuple(logits.shape)}")
+        self.shapes = [tuple(v.shape[1:]) for v in values]
+        for i, node in enumerate(nodes):
+            if node.kind in ("linear", "conv") and node.inputs:
+                self.cache[i]["a"] = values[node.inputs[0]]
+        self.logits, self.num_classes = logits, logits.shape[1]
+
+    def prepare_loss(self, y: torch.Tensor) -> None:
+        """Softmax cross-entropy on the logits and, for the exact Hessian, the gradient
+        deltas e of every node and s'' * e of the curved activations."""
+        nodes = self.graph.nodes
+        loss, probs, grad = ops.softmax_cross_entropy(self.logits.contiguous(), y,
+                                                      self.reduction)
+        self.loss, self.probs = loss, probs
+        if self.exact:
+            # gradient deltas e of every node: the backward with one "direction", the
+            # loss gradient, and no second-order terms
+            deltas = self._backward(grad.unsqueeze(1), tangents=None, directions=None,
+                                    out=None, exact=False)
+            for i, node in enumerate(nodes):
+                e = deltas[i]
+                if e is None:
+                    continue
+                e = e.squeeze(1)
+                if node.kind in ("linear", "conv", "batchnorm"):
+                    self.cache[i]["e"] = e.contiguous()
+                elif node.kind == "activation" and "second" in self.cache[i]:
+                    self.cache[i]["curvature"] = (self.cache[i].pop("second") * e).contiguous()
+        for c in self.cache:
+            c.pop("second", None)
+
+    def _pool_module(self, node: Node, env) -> nn.Module:
+        """The pooling module a functional call stands for, its sizes evaluated."""
+        n = node.fx_node
+        module_type, names = _FUNCTION_POOLS[n.target]
+        args = fx.node.map_arg(n.args[1:], lambda a: env[a])
+        kwargs = fx.node.map_arg(dict(n.kwargs), lambda a: env[a])
+        bound = dict(zip(names, args), **kwargs)
+        if bound.pop("return_indices", False):
+            raise _unsupported(self.caller, node.label, "return_indices=True")
+        try:
+            return module_type(**bound)
+        except TypeError as err:
+            raise _unsupported(self.caller, node.label, str(err)) from None
+
+    def _forward_node(self, i: int, node: Node, x: torch.Tensor, values, env) -> torch.Tensor:
+        cache, m = self.cache[i], node.module
+        if node.kind in ("maxpool", "avgpool", "adaptive_avgpool"):
+            m = cache["module"] = m if m is not None else self._pool_module(node, env)
+        p = self.param_views[id(node)]
+        if node.kind == "input":
+            return x
+        if node.kind == "linear":
+            if x.dim() != 2:
+                raise TypeError(f"{self.caller}: {node.label} gets input of shape "
+                                f"{tuple(x.shape)}; the engine takes Linear layers on "
+                                "(batch, features) inputs")
+            return F.linear(x, p["weight"], p.get("bias"))
+        if node.kind == "conv":
+            if x.dim() != m.weight.dim() or x.shape[1] != m.in_channels:
+                raise TypeError(f"{self.caller}: {node.label} gets input "
+                                f"of shape {tuple(x.shape)}; it takes (batch, {m.in_channels}, "
+                                f"{', '.join('...' for _ in m.kernel_size)})")
+            cache["conv"] = _conv_params(m)
+            out = _conv(x, p["weight"], cache["conv"])
+            if "bias" in p:
+                out = out + p["bias"].view(-1, *([1] * (out.dim() - 2)))
+            return out
+        if node.kind == "activation":
+            name, p0, p1 = node.activation
+            curved = self.exact and name in ops.CURVED_ACTIVATIONS
+            value, first, second = ops.activation_forward(x, name, p0, p1, with_second=curved)
+            cache["first"] = first
+            if curved:
+                cache["second"] = second
+            return value
+        if node.kind == "maxpool":
+            if x.dim() != 4:
+                raise TypeError(f"{self.caller}: {node.label} gets input of "
+                                f"shape {tuple(x.shape)}; the engine takes (B, C, H, W)")
+            out, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                    ceil_mode=m.ceil_mode, return_indices=True)
+            cache["indices"] = idx
+            cache["in_shape"] = tuple(x.shape[1:])
+            return out
+        if node.kind == "avgpool":
+            cache["in_shape"] = tuple(x.shape[1:])
+            return m(x)
+        if node.kind == "adaptive_avgpool":
+            out = m(x)
+            cache["rows"] = _pool_matrix(x.shape[-2], out.shape[-2], x)
+            cache["cols"] = _pool_matrix(x.shape[-1], out.shape[-1], x)
+            return out
+        if node.kind == "batchnorm":
+            if x.dim() < 2 or x.shape[1] != m.num_features:
+                raise TypeError(f"{self.caller}: {node.label} gets "
+                                f"input of shape {tuple(x.shape)}")
+            bshape = (1, -1) + (1,) * (x.dim() - 2)
+            sd = torch.sqrt(m.running_var.to(x.dtype) + m.eps)
+            xhat = (x - m.running_mean.to(x.dtype).view(bshape)) / sd.view(bshape)
+            gain = p["weight"] if "weight" in p else torch.ones_like(sd)
+            cache.update(xhat=xhat, inv_sd=1.0 / sd, scale=gain / sd)
+            out = xhat * gain.view(bshape)
+            if "bias" in p:
+                out = out + p["bias"].view(bshape)
+            return out
+        if node.kind == "reshape":
+            # the module or method itself, on the primal: its output shape is the rule
+            return m(x) if m is not None else _run_fx_node(node.fx_node, env)
+        if node.kind == "add":
+            return values[node.inputs[0]] + values[node.inputs[1]]
+        if node.kind == "identity":
+            return x
+        if node.kind == "scale":
+            return x * node.factor
+        raise AssertionError(node.kind)
+
+    def prepared_bytes(self) -> int:
+        """Memory held by the prepared batch: cached tensors, probabilities, weights."""
+        tensors = {id(t): t for c in self.cache for t in c.values()
+                   if isinstance(t, torch.Tensor)}
+        for views in self.param_views.values():
+            tensors.update((id(t), t) for t in views.values())
+        for t in (self.logits, getattr(self, "probs", None)):
+            if t is not None:
+                tensors[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # ------------------------------------------------------------ products
+    def matmat(self, directions: torch.Tensor) -> torch.Tensor:
+        """Products on a (k, P) block of directions (rows); returns (k, P)."""
+        k = directions.shape[0]
+        tangents = self._tangents(directions)
+        logits_tangent = tangents[self.graph.output]
+        out = directions.new_zeros(directions.shape)
+        if logits_tangent is None:
+            return out
+        d = ops.softmax_hessian(self.probs, logits_tangent, self.reduction)
+        self._backward(d, tangents, directions, out, self.exact)
+        return out
+
+    def _direction(self, directions: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        off = self.graph.offsets[id(p)]
+        return directions[:, off:off + p.numel()].reshape(directions.shape[0], *p.shape)
+
+    def _tangents(self, directions: torch.Tensor) -> list[Optional[torch.Tensor]]:
+        nodes, B, k = self.graph.nodes, self.batch, directions.shape[0]
+        T: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        for i, node in enumerate(nodes):
+            if not self.carries[i]:
+                continue
+            t = T[node.inputs[0]] if node.inputs else None
+            c, p = self.cache[i], self.param_views[id(node)]
+            shape = self.shapes[i]
+            if node.kind == "linear":
+                V = self._direction(directions, node.params["weight"])   # (k, out, in)
+                out = (c["a"] @ V.reshape(-1, V.shape[-1]).t()).view(B, k, -1)
+                if t is not None:
+                    out = out + (t.reshape(B * k, -1) @ p["weight"].t()).view(B, k, -1)
+                if "bias" in node.params:
+                    out = out + self._direction(directions, node.params["bias"])
+                T[i] = out
+            elif node.kind == "conv":
+                conv = c["conv"]
+                g = conv["groups"]
+                V = self._direction(directions, node.params["weight"])   # (k, O, I/g, ...)
+                O, rest = V.shape[1], V.shape[2:]
+                # stacked output channels ordered (group, direction, channel)
+                Vs = V.reshape(k, g, O // g, *rest).transpose(0, 1).reshape(k * O, *rest)
+                out = _conv(c["a"], Vs, conv)                             # (B, g*k*O/g, ...)
+                spatial = out.shape[2:]
+                out = out.view(B, g, k, O // g, *spatial).transpose(1, 2).reshape(B, k, O,
+                                                                                 *spatial)
+                if t is not None:
+                    out = out + _conv(t.reshape(B * k, *t.shape[2:]), p["weight"],
+                                      conv).view(B, k, O, *spatial)
+                if "bias" in node.params:
+                    cb = self._direction(directions, node.params["bias"])
+                    out = out + cb.view(1, k, O, *([1] * len(spatial)))
+                T[i] = out
+            elif node.kind == "activation":
+                T[i] = ops.activation_tangent(c["first"], t)
+            elif node.kind == "maxpool":
+                idx = c["indices"]
+                C, H, W = c["in_shape"]
+                flat = idx.view(B, 1, C, -1).expand(B, k, C, idx.shape[-2] * idx.shape[-1])
+                T[i] = t.reshape(B, k, C, H * W).gather(3, flat).view(B, k, *shape)
+            elif node.kind == "avgpool":
+                T[i] = c["module"](t.reshape(B, -1, *t.shape[-2:])).view(B, k, *shape)
+            elif node.kind == "adaptive_avgpool":
+                T[i] = c["rows"] @ t @ c["cols"].t()
+            elif node.kind == "batchnorm":
+                C = shape[0]
+                bshape = (1, 1, C) + (1,) * (len(shape) - 1)
+                out = None if t is None else t * c["scale"].view(bshape)
+                if "weight" in node.params:
+                    Rg = self._direction(directions, node.params["weight"])
+                    term = c["xhat"].unsqueeze(1) * Rg.view(1, k, C, *bshape[3:])
+                    out = term if out is None else out + term
+                if "bias" in node.params:
+                    Rb = self._direction(directions, node.params["bias"])
+                    term = Rb.view(1, k, C, *bshape[3:])
+                    out = term.expand(B, k, *shape) if out is None else out + term
+                T[i] = out
+            elif node.kind == "reshape":
+                T[i] = t.reshape(B, k, *shape)
+            elif node.kind == "add":
+                a, b = (T[j] for j in node.inputs)
+                T[i] = a if b is None else b if a is None else a + b
+            elif node.kind == "identity":
+                T[i] = t
+            elif node.kind == "scale":
+                T[i] = t * node.factor
+            if T[i] is not None:
+                T[i] = T[i].contiguous()
+        return T
+
+    def _backward(self, d_out: torch.Tensor, tangents, directions, out, exact: bool):
+        """Runs deltas from the logits (B, k, C) back through the nodes. With ``out``
+        (k, P), writes the parameter gradients there; returns the deltas of every node."""
+        nodes, B, k = self.graph.nodes, self.batch, d_out.shape[1]
+        D: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        shared = [False] * len(nodes)   # D[i] is also held elsewhere: copy before in place
+        D[self.graph.output] = d_out
+
+        def send(j: int, delta: torch.Tensor, alias: bool) -> None:
+            if not self.carries[j]:
+                return
+            if D[j] is None:
+                D[j], shared[j] = delta, alias
+            else:
+                D[j], shared[j] = D[j] + delta, False
+
+        def write(p: torch.Tensor, grad: torch.Tensor) -> None:
+            off = self.graph.offsets[id(p)]
+            out[:, off:off + p.numel()] = grad.reshape(k, -1)
+
+        for i in range(len(nodes) - 1, -1, -1):
+            node, d = nodes[i], D[i]
+            if d is None:
+                continue
+            c, p = self.cache[i], self.param_views[id(node)]
+            t_in = tangents[node.inputs[0]] if (exact and node.inputs) else None
+            src = node.inputs[0] if node.inputs else None
+            needs_input = src is not None and self.carries[src]
+            if node.kind == "linear":
+                O = d.shape[-1]
+                e = c.get("e") if exact else None
+                if out is not None:
+                    gw = (d.reshape(B, k * O).t() @ c["a"]).view(k, O, -1)
+                    if e is not None and t_in is not None:
+                        gw = gw + (e.t() @ t_in.reshape(B, -1)).view(O, k, -1).transpose(0, 1)
+                    write(node.params["weight"], gw)
+                    if "bias" in node.params:
+                        write(node.params["bias"], d.sum(0))
+                if needs_input:
+                    din = (d.reshape(B * k, O) @ p["weight"]).view(B, k, -1)
+                    if e is not None:
+                        V = self._direction(directions, node.params["weight"])
+                        din = din + (e @ V.transpose(0, 1).reshape(O, -1)).view(B, k, -1)
+                    send(src, din, False)
+            elif node.kind == "conv":
+                conv = c["conv"]
+                g = conv["groups"]
+                O, spatial = d.shape[2], d.shape[3:]
+                a = c["a"]
+                e = c.get("e") if exact else None
+                if out is not None:
+                    W = node.params["weight"]
+                    rest = W.shape[1:]
+                    # stacked as in the forward: output channels (group, direction, channel)
+                    ds = d.view(B, k, g, O // g, *spatial).transpose(1, 2).reshape(
+                        B, k * O, *spatial)
+                    gw = _conv_weight_grad(ds, a, (k * O, *rest), conv)
+                    gw = gw.view(g, k, O // g, *rest).transpose(0, 1)
+                    if e is not None and t_in is not None:
+                        I_g = rest[0]
+                        # input channels (group, direction, channel), weight (O, k*I/g, ...)
+                        ts = t_in.view(B, k, g, I_g, *t_in.shape[3:]).transpose(1, 2).reshape(
+                            B, g * k * I_g, *t_in.shape[3:])
+                        he = _conv_weight_grad(e, ts, (O, k * I_g, *rest[1:]), conv)
+                        kernel_dims = range(4, 3 + len(rest))
+                        he = he.view(g, O // g, k, I_g, *rest[1:]).permute(2, 0, 1, 3,
+                                                                            *kernel_dims)
+                        gw = gw + he
+                    write(W, gw)
+                    if "bias" in node.params:
+                        write(node.params["bias"], d.sum(dim=(0, *range(3, d.dim()))))
+                if needs_input:
+                    in_spatial = a.shape[2:]
+                    Wt = p["weight"]
+                    op = self._output_padding(in_spatial, spatial, Wt.shape[2:], conv)
+                    din = _conv(d.reshape(B * k, O, *spatial), Wt, conv, True, op).view(
+                        B, k, *a.shape[1:])
+                    if e is not None:
+                        V = self._direction(directions, node.params["weight"])
+                        I_g, rest = V.shape[2], V.shape[3:]
+                        # transposed-conv weight (O, k*I/g, ...): outputs (group, dir, chan)
+                        Vt = V.reshape(k, g, O // g, I_g, *rest).permute(
+                            1, 2, 0, 3, *range(4, 4 + len(rest))).reshape(O, k * I_g, *rest)
+                        he = _conv(e, Vt, conv, True, op)          # (B, g*k*I/g, ...)
+                        din = din + he.view(B, g, k, I_g, *in_spatial).transpose(1, 2).reshape(
+                            B, k, *a.shape[1:])
+                    send(src, din, False)
+            elif node.kind == "activation":
+                if needs_input:
+                    # in place below: copy a delta held elsewhere, or kept as a result
+                    delta = d.clone() if shared[i] or out is None else d.contiguous()
+                    curvature = c.get("curvature") if exact else None
+                    ops.activation_delta_(delta, c["first"], curvature,
+                                          t_in if curvature is not None else None)
+                    send(src, delta, False)
+            elif node.kind == "maxpool":
+                if needs_input:
+                    C, H, W = c["in_shape"]
+                    idx = c["indices"]
+                    Ho, Wo = idx.shape[-2:]
+                    m = c["module"]
+                    grad_in = torch.ops.aten.max_pool2d_with_indices_backward(
+                        d.reshape(B, k * C, Ho, Wo), d.new_empty((B, k * C, H, W)),
+                        _pair(m.kernel_size), _pair(m.stride if m.stride else m.kernel_size),
+                        _pair(m.padding), _pair(m.dilation), m.ceil_mode,
+                        idx.unsqueeze(1).expand(B, k, C, Ho, Wo).reshape(B, k * C, Ho, Wo))
+                    send(src, grad_in.view(B, k, C, H, W), False)
+            elif node.kind == "avgpool":
+                if needs_input:
+                    C, H, W = c["in_shape"]
+                    m = c["module"]
+                    grad_in = torch.ops.aten.avg_pool2d_backward(
+                        d.reshape(B, k * C, *d.shape[-2:]), d.new_empty((B, k * C, H, W)),
+                        _pair(m.kernel_size), _pair(m.stride if m.stride else m.kernel_size),
+                        _pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override)
+                    send(src, grad_in.view(B, k, C, H, W), False)
+            elif node.kind == "adaptive_avgpool":
+                if needs_input:
+                    send(src, c["rows"].t() @ d @ c["cols"], False)
+            elif node.kind == "batchnorm":
+                C = d.shape[2]
+                bshape = (1, 1, C) + (1,) * (d.dim() - 3)
+                reduce = (0, *range(3, d.dim()))
+                e = c.get("e") if exact else None
+                Rg = None
+                if "weight" in node.params and e is not None:
+                    Rg = self._direction(directions, node.params["weight"])
+                if out is not None:
+                    if "weight" in node.params:
+                        gg = (d * c["xhat"].unsqueeze(1)).sum(dim=reduce)
+                        if e is not None and t_in is not None:
+                            gg = gg + (e.unsqueeze(1) * t_in).sum(dim=reduce) * c["inv_sd"]
+                        write(node.params["weight"], gg)
+                    if "bias" in node.params:
+                        write(node.params["bias"], d.sum(dim=reduce))
+                if needs_input:
+                    din = d * c["scale"].view(bshape)
+                    if Rg is not None:
+                        din = din + e.unsqueeze(1) * (Rg * c["inv_sd"]).view(1, k, C,
+                                                                              *bshape[3:])
+                    send(src, din, False)
+            elif node.kind == "reshape":
+                if needs_input:
+                    send(src, d.reshape(B, k, *self.shapes[src]), shared[i])
+            elif node.kind == "add":
+                for j in node.inputs:
+                    send(j, d, True)
+            elif node.kind == "identity":
+                if needs_input:
+                    send(src, d, shared[i])
+            elif node.kind == "scale":
+                if needs_input:
+                    send(src, d * node.factor, False)
+            if out is not None:
+                D[i] = None  # free as we go; the prepare pass keeps them all
+        return D
+
+    @staticmethod
+    def _output_padding(in_spatial, out_spatial, kernel, conv) -> list[int]:
+        """output_padding that makes the transposed convolution return the input size."""
+        pads = []
+        for n_in, n_out, ks, s, pad, dil in zip(in_spatial, out_spatial, kernel,
+                                                conv["stride"], conv["padding"],
+                                                conv["dilation"]):
+            pads.append(n_in - ((n_out - 1) * s - 2 * pad + dil * (ks - 1) + 1))
+        return pads
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+
+def _run_fx_node(n: fx.Node, env: dict) -> Any:
+    """Evaluates a traced size or reshape call on the prepared forward's values."""
+    args = fx.node.map_arg(n.args, lambda a: env[a])
+    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    return n.target(*args, **kwargs)
