@@ -38,6 +38,72 @@ def mlp(widths: list[int], activation: type[nn.Module] = nn.ReLU, seed: int = 0)
     return nn.Sequential(*layers)
 
 
+def digit_images(batch: int, dtype=torch.float32):
+    """The digits as 1x8x8 images."""
+    X, y = digits(batch, dtype)
+    return X.view(-1, 1, 8, 8), y
+
+
+def digits_cnn(seed: int = 0) -> nn.Sequential:
+    """A small CNN for 8x8 digits: two 3x3 convolutions (16, 32 channels), ReLU, 2x2 max
+    pooling, a linear classifier (9,930 parameters)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+
+
+class _BasicBlock(nn.Module):
+    """He et al. (2016) basic block: conv-BN-ReLU-conv-BN plus the shortcut (a 1x1
+    convolution and BN where the shape changes), ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        return nn.functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """The CIFAR ResNet of He et al. (2016) with one block per stage (6n+2 layers, n=1):
+    16, 32, 64 channels, global average pooling, 10 classes (78,042 parameters).
+    In eval mode, with running statistics drawn away from the defaults."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.stages = nn.Sequential(_BasicBlock(16, 16, 1), _BasicBlock(16, 32, 2),
+                                    _BasicBlock(32, 64, 2))
+        self.fc = nn.Linear(64, 10)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        self.eval()
+
+    def forward(self, x):
+        out = self.stages(nn.functional.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+def random_images(batch: int, size: int = 32, classes: int = 10, seed: int = 0,
+                  dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, 3, size, size, generator=gen, dtype=dtype)
+    return X, torch.randint(0, classes, (batch,), generator=gen)
+
+
 def product_flops(widths: list[int], batch: int, exact: bool) -> int:
     """GEMM FLOPs of one product with the forward cached: 2 GEMMs for the first layer
     (a V^T and the weight gradient), 4 for the others under the GGN (plus Ra W^T and

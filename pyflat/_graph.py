@@ -287,18 +287,22 @@ def _conv_params(module: nn.Module) -> dict[str, Any]:
             "dilation": list(module.dilation), "groups": module.groups}
 
 
-def _conv(x, weight, p, transposed=False, output_padding=None):
-    dims = len(p["stride"])
+def _conv(x, weight, p):
     return torch.ops.aten.convolution(x, weight, None, p["stride"], p["padding"], p["dilation"],
-                                      transposed, output_padding or [0] * dims, p["groups"])
+                                      False, [0] * len(p["stride"]), p["groups"])
 
 
-def _conv_weight_grad(grad_out, x, weight_shape, p):
-    """Gradient w.r.t. a convolution's weight of <grad_out, conv(x, W)> (the weight's
-    values are not read; only its shape)."""
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, grad_out.new_empty(weight_shape), None, p["stride"], p["padding"],
-        p["dilation"], False, [0] * len(p["stride"]), p["groups"], [False, True, False])[1]
+def _conv_backward(grad_out, x, weight, p, want_input: bool, want_weight: bool):
+    """(input, weight) gradients of <grad_out, conv(x, weight)>, as asked. ``x`` or
+    ``weight`` may be given as a shape where only the other's values are read."""
+    if not isinstance(x, torch.Tensor):
+        x = grad_out.new_empty(x)
+    if not isinstance(weight, torch.Tensor):
+        weight = grad_out.new_empty(weight)
+    grads = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, p["stride"], p["padding"], p["dilation"], False,
+        [0] * len(p["stride"]), p["groups"], [want_input, want_weight, False])
+    return grads[0], grads[1]
 
 
 class GraphEngine:
@@ -416,11 +420,10 @@ class GraphEngine:
                 raise TypeError(f"{self.caller}: {node.label} gets input "
                                 f"of shape {tuple(x.shape)}; it takes (batch, {m.in_channels}, "
                                 f"{', '.join('...' for _ in m.kernel_size)})")
-            cache["conv"] = _conv_params(m)
-            out = _conv(x, p["weight"], cache["conv"])
-            if "bias" in p:
-                out = out + p["bias"].view(-1, *([1] * (out.dim() - 2)))
-            return out
+            cache["conv"] = conv = _conv_params(m)
+            return torch.ops.aten.convolution(x, p["weight"], p.get("bias"), conv["stride"],
+                                              conv["padding"], conv["dilation"], False,
+                                              [0] * len(conv["stride"]), conv["groups"])
         if node.kind == "activation":
             name, p0, p1 = node.activation
             curved = self.exact and name in ops.CURVED_ACTIVATIONS
@@ -455,10 +458,10 @@ class GraphEngine:
             xhat = (x - m.running_mean.to(x.dtype).view(bshape)) / sd.view(bshape)
             gain = p["weight"] if "weight" in p else torch.ones_like(sd)
             cache.update(xhat=xhat, inv_sd=1.0 / sd, scale=gain / sd)
-            out = xhat * gain.view(bshape)
-            if "bias" in p:
-                out = out + p["bias"].view(bshape)
-            return out
+            # the value as the module computes it, so that kinks downstream (ReLU, max
+            # pooling) switch exactly where autograd's do in this dtype
+            return F.batch_norm(x, m.running_mean, m.running_var, p.get("weight"),
+                                p.get("bias"), False, 0.0, m.eps)
         if node.kind == "reshape":
             # the module or method itself, on the primal: its output shape is the rule
             return m(x) if m is not None else _run_fx_node(node.fx_node, env)
@@ -484,7 +487,6 @@ class GraphEngine:
     # ------------------------------------------------------------ products
     def matmat(self, directions: torch.Tensor) -> torch.Tensor:
         """Products on a (k, P) block of directions (rows); returns (k, P)."""
-        k = directions.shape[0]
         tangents = self._tangents(directions)
         logits_tangent = tangents[self.graph.output]
         out = directions.new_zeros(directions.shape)
@@ -618,44 +620,56 @@ class GraphEngine:
                 conv = c["conv"]
                 g = conv["groups"]
                 O, spatial = d.shape[2], d.shape[3:]
-                a = c["a"]
+                a, W = c["a"], p["weight"]
+                rest, in_shape = W.shape[1:], a.shape[1:]
                 e = c.get("e") if exact else None
+                has_bias = "bias" in node.params
+                din = gw = None
+                # (oneDNN's float32 bias gradient sums naively; torch.sum sums pairwise)
+                gb = d.sum(dim=(0, *range(3, d.dim()))) if has_bias and out is not None else None
+                if k == 1:
+                    # one call for the weight and input gradients at this delta
+                    gi, gw = _conv_backward(d.view(B, O, *spatial), a, W, conv, needs_input,
+                                            out is not None)
+                    if out is not None:
+                        gw = gw.unsqueeze(0)
+                    if needs_input:
+                        din = gi.view(B, 1, *in_shape)
+                else:
+                    if out is not None:
+                        # stacked as in the forward: output channels (group, direction, channel)
+                        ds = d.view(B, k, g, O // g, *spatial).transpose(1, 2).reshape(
+                            B, k * O, *spatial)
+                        gw = _conv_backward(ds, a, (k * O, *rest), conv, False, True)[1]
+                        gw = gw.view(g, k, O // g, *rest).transpose(0, 1).reshape(k, O, *rest)
+                    if needs_input:
+                        din = _conv_backward(d.reshape(B * k, O, *spatial), (B * k, *in_shape),
+                                             W, conv, True, False)[0].view(B, k, *in_shape)
                 if out is not None:
-                    W = node.params["weight"]
-                    rest = W.shape[1:]
-                    # stacked as in the forward: output channels (group, direction, channel)
-                    ds = d.view(B, k, g, O // g, *spatial).transpose(1, 2).reshape(
-                        B, k * O, *spatial)
-                    gw = _conv_weight_grad(ds, a, (k * O, *rest), conv)
-                    gw = gw.view(g, k, O // g, *rest).transpose(0, 1)
                     if e is not None and t_in is not None:
                         I_g = rest[0]
                         # input channels (group, direction, channel), weight (O, k*I/g, ...)
                         ts = t_in.view(B, k, g, I_g, *t_in.shape[3:]).transpose(1, 2).reshape(
                             B, g * k * I_g, *t_in.shape[3:])
-                        he = _conv_weight_grad(e, ts, (O, k * I_g, *rest[1:]), conv)
+                        he = _conv_backward(e, ts, (O, k * I_g, *rest[1:]), conv, False, True)[1]
                         kernel_dims = range(4, 3 + len(rest))
-                        he = he.view(g, O // g, k, I_g, *rest[1:]).permute(2, 0, 1, 3,
-                                                                            *kernel_dims)
-                        gw = gw + he
-                    write(W, gw)
-                    if "bias" in node.params:
-                        write(node.params["bias"], d.sum(dim=(0, *range(3, d.dim()))))
+                        gw = gw + he.view(g, O // g, k, I_g, *rest[1:]).permute(
+                            2, 0, 1, 3, *kernel_dims).reshape(k, O, *rest)
+                    write(node.params["weight"], gw)
+                    if has_bias:
+                        write(node.params["bias"], gb)
                 if needs_input:
-                    in_spatial = a.shape[2:]
-                    Wt = p["weight"]
-                    op = self._output_padding(in_spatial, spatial, Wt.shape[2:], conv)
-                    din = _conv(d.reshape(B * k, O, *spatial), Wt, conv, True, op).view(
-                        B, k, *a.shape[1:])
                     if e is not None:
                         V = self._direction(directions, node.params["weight"])
-                        I_g, rest = V.shape[2], V.shape[3:]
-                        # transposed-conv weight (O, k*I/g, ...): outputs (group, dir, chan)
-                        Vt = V.reshape(k, g, O // g, I_g, *rest).permute(
-                            1, 2, 0, 3, *range(4, 4 + len(rest))).reshape(O, k * I_g, *rest)
-                        he = _conv(e, Vt, conv, True, op)          # (B, g*k*I/g, ...)
-                        din = din + he.view(B, g, k, I_g, *in_spatial).transpose(1, 2).reshape(
-                            B, k, *a.shape[1:])
+                        I_g, kernel = V.shape[2], V.shape[3:]
+                        # e through conv(., V_j) for every j: a weight (O, k*I/g, ...) whose
+                        # input channels are ordered (group, direction, channel)
+                        Vt = V.reshape(k, g, O // g, I_g, *kernel).permute(
+                            1, 2, 0, 3, *range(4, 4 + len(kernel))).reshape(O, k * I_g, *kernel)
+                        he = _conv_backward(e, (B, g * k * I_g, *in_shape[1:]), Vt, conv, True,
+                                            False)[0]
+                        din = din + he.view(B, g, k, I_g, *in_shape[1:]).transpose(1, 2).reshape(
+                            B, k, *in_shape)
                     send(src, din, False)
             elif node.kind == "activation":
                 if needs_input:
@@ -726,16 +740,6 @@ class GraphEngine:
             if out is not None:
                 D[i] = None  # free as we go; the prepare pass keeps them all
         return D
-
-    @staticmethod
-    def _output_padding(in_spatial, out_spatial, kernel, conv) -> list[int]:
-        """output_padding that makes the transposed convolution return the input size."""
-        pads = []
-        for n_in, n_out, ks, s, pad, dil in zip(in_spatial, out_spatial, kernel,
-                                                conv["stride"], conv["padding"],
-                                                conv["dilation"]):
-            pads.append(n_in - ((n_out - 1) * s - 2 * pad + dil * (ks - 1) + 1))
-        return pads
 
 
 def _pair(v) -> list[int]:

@@ -154,8 +154,8 @@ MODELS = {
 }
 
 
-def build(name: str, batch: int, dtype=torch.float64, seed: int = 0):
-    builder, shape, classes = MODELS[name]
+def build(name: str, batch: int, dtype=torch.float64, seed: int = 0, models=None):
+    builder, shape, classes = (models or MODELS)[name]
     torch.manual_seed(seed)
     model = randomize_batchnorm(builder()).to(dtype).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -210,10 +210,22 @@ def test_dense_ggn_is_symmetric_psd_and_traces_agree_for_piecewise_linear_nets()
     assert relative_error(H, reference.hessian_dense(model, data)) < TOL
 
 
-@pytest.mark.parametrize("name", ["vgg-style", "preact-resnet", "grouped-depthwise"])
+def cifar_cnn() -> nn.Module:
+    """Convolutions with biases on 32x32 images: the bias gradient sums 32 x 32 x batch
+    terms, where a naive float32 sum loses digits that autograd keeps."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+MODELS_FLOAT32 = dict(MODELS, **{"cifar-cnn": (cifar_cnn, (3, 32, 32), 10)})
+
+
+@pytest.mark.parametrize("name", ["vgg-style", "preact-resnet", "grouped-depthwise",
+                                  "cifar-cnn"])
 def test_float32_error_is_within_autograd_float32_error(name):
-    model, data = build(name, 6)
-    model32 = build(name, 6, dtype=torch.float32)[0]
+    batch = 32 if name == "cifar-cnn" else 6
+    model, data = build(name, batch, models=MODELS_FLOAT32)
+    model32 = build(name, batch, dtype=torch.float32, models=MODELS_FLOAT32)[0]
     data32 = (data[0].float(), data[1])
     V = random_block(num_params(model), 3)
     for operator, ref_fn in ((pyflat.GGN, reference.ggn_matmat),

@@ -1,0 +1,171 @@
+"""Convnet products per second: pyflat's graph engine against autograd, side by side.
+
+    python -m bench.convnets                  # digits CNN and ResNet-8, table + JSON
+    python -m bench.convnets --models resnet8 --k 8
+
+Models (float32, eval mode): a small CNN on a batch of scikit-learn's 8x8 digits, and a
+CIFAR-style ResNet-8 (BatchNorm, strided shortcut convolutions) on 32x32 random images.
+Each method is checked once against the float64 reference before timing; methods run in
+interleaved rounds; medians reported. "gradients" is a product's time over the time of
+one loss gradient (forward + backward) measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import vmap
+
+import pyflat
+from pyflat import reference
+
+from .common import (ResNet8, digit_images, digits_cnn, machine, random_images,
+                     time_interleaved, write_results)
+
+MODELS = {
+    # name: (model builder, data builder(batch), title, default batch)
+    "cnn": (digits_cnn, digit_images, "digits CNN (conv 16, conv 32, max pool, linear)", 1024),
+    "resnet8": (ResNet8, random_images, "ResNet-8 (16-32-64 channels, BatchNorm), 32x32", 256),
+}
+
+# Speed-ups pyflat is built to reach on a 2-core CPU (the project's targets).
+TARGETS = {("ggn", 1, "torch.func"): {"cnn": 1.5, "resnet8": 1.5}}
+CHECK_TOL = 1e-3  # float32 against the float64 reference: a broken method is off by O(1)
+
+
+def methods_for(model: nn.Module, data, k: int):
+    f = reference.functions(model, data)
+    G, H = pyflat.GGN(model, data, backend="fused"), pyflat.Hessian(model, data, backend="fused")
+    block = lambda fn: vmap(fn, in_dims=1, out_dims=1)  # noqa: E731
+    return {
+        ("ggn", 1, "pyflat"): G.matvec,
+        ("ggn", 1, "torch.func"): f.ggn_vp,
+        ("ggn", 1, "torch.func linearized (forward cached)"): f.linearized_ggn(),
+        ("hessian", 1, "pyflat"): H.matvec,
+        ("hessian", 1, "torch.func"): f.hvp,
+        ("hessian", 1, "double backward"): f.hvp_double_backward_rebuilt,
+        ("hessian", 1, "double backward, graph kept"): f.hvp_double_backward,
+        ("ggn", k, "pyflat"): G.matmat,
+        ("ggn", k, "torch.func"): block(f.ggn_vp),
+        ("hessian", k, "pyflat"): H.matmat,
+        ("hessian", k, "torch.func"): block(f.hvp),
+    }
+
+
+def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
+    build, make_data, title, _ = MODELS[name]
+    model = build().eval()
+    data = make_data(batch)
+    P = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    V64 = torch.randn(P, k, generator=gen, dtype=torch.float64)
+    model64, data64 = copy.deepcopy(model).double(), (data[0].double(), data[1])
+    expected = {"ggn": reference.ggn_matmat(model64, data64, V64),
+                "hessian": reference.hessian_matmat(model64, data64, V64)}
+    methods = methods_for(model, data, k)
+    inputs = {1: V64[:, 0].float(), k: V64.float()}
+    rows, calls = [], {}
+    for key, fn in methods.items():
+        product, kk, label = key
+        result = fn(inputs[kk]).double()
+        want = expected[product][:, 0] if kk == 1 else expected[product]
+        error = ((result - want).abs().max() / want.abs().max()).item()
+        rows.append({"product": product, "k": kk, "method": label, "rel_error": error})
+        calls[str(key)] = (lambda fn=fn, x=inputs[kk]: fn(x))
+    X, y = data
+    params = list(model.parameters())
+    calls["gradient"] = lambda: torch.autograd.grad(
+        nn.functional.cross_entropy(model(X), y), params)
+    timings = time_interleaved(calls, min_seconds=min_seconds)
+    grad_time = timings.pop("gradient")["median_s"]
+    for row, key in zip(rows, methods):
+        t = timings[str(key)]
+        per_vector = t["median_s"] / row["k"]
+        row.update(ms_per_product=per_vector * 1e3, products_per_s=1.0 / per_vector,
+                   q1_ms=t["q1_s"] / row["k"] * 1e3, q3_ms=t["q3_s"] / row["k"] * 1e3,
+                   rounds=t["rounds"], gradients=per_vector / grad_time)
+    for row in rows:
+        ours = next(r for r in rows if r["product"] == row["product"] and r["k"] == row["k"]
+                    and r["method"] == "pyflat")
+        row["pyflat_speedup"] = row["ms_per_product"] / ours["ms_per_product"]
+    return {"model": name, "title": title, "batch": batch, "params": P,
+            "gradient_ms": grad_time * 1e3, "rows": rows}
+
+
+def targets_report(results: list[dict]) -> list[dict]:
+    report = []
+    for (product, kk, baseline), per_model in TARGETS.items():
+        for res in results:
+            if res["model"] not in per_model:
+                continue
+            row = next(r for r in res["rows"] if r["product"] == product and r["k"] == kk
+                       and r["method"] == baseline)
+            report.append({"model": res["model"], "product": product, "k": kk,
+                           "baseline": baseline, "speedup": row["pyflat_speedup"],
+                           "target": per_model[res["model"]],
+                           "met": row["pyflat_speedup"] >= per_model[res["model"]]})
+    return report
+
+
+def markdown(results: list[dict], report: list[dict], info: dict) -> str:
+    lines = ["# pyflat convnet benchmark", "",
+             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{info['date']}. float32, eval mode.", ""]
+    for res in results:
+        lines += [f"## {res['title']}, batch {res['batch']} ({res['params']:,} parameters; a "
+                  f"gradient takes {res['gradient_ms']:.1f} ms)", "",
+                  "| product | k | method | ms / product | (q1-q3) | products/s | "
+                  "pyflat speed-up | gradients | rel. error |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            lines.append(f"| {r['product']} | {r['k']} | {r['method']} | "
+                         f"{r['ms_per_product']:.2f} | {r['q1_ms']:.2f}-{r['q3_ms']:.2f} | "
+                         f"{r['products_per_s']:.1f} | {r['pyflat_speedup']:.2f}x | "
+                         f"{r['gradients']:.2f} | {r['rel_error']:.1e} |")
+        lines.append("")
+    lines += ["## Targets", "", "| model | product | k | against | speed-up | target | |",
+              "|---|---|---|---|---|---|---|"]
+    for t in report:
+        lines.append(f"| {t['model']} | {t['product']} | {t['k']} | {t['baseline']} | "
+                     f"{t['speedup']:.2f}x | {t['target']}x | {'met' if t['met'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 1024 digits for the CNN, 256 for ResNet-8)")
+    parser.add_argument("--k", type=int, default=8, help="directions per block")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="minimum timing time per model (more rounds, less noise)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="folder for convnets.json and convnets.md")
+    args = parser.parse_args(argv)
+    if args.k < 2:
+        parser.error(f"--k must be at least 2 (single products are always timed), got {args.k}")
+    torch.set_num_threads(args.threads)
+    info = machine()
+    results = []
+    for name in args.models:
+        print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
+        batch = args.batch if args.batch is not None else MODELS[name][3]
+        results.append(bench_model(name, batch, args.k, args.seconds))
+    report = targets_report(results)
+    text = markdown(results, report, info)
+    write_results(args.out, "convnets", text, {"machine": info, "results": results,
+                                                "targets": report})
+    bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
+           for res in results for r in res["rows"] if not r["rel_error"] < CHECK_TOL]
+    for b in bad:
+        print(f"WRONG RESULT: {b}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
