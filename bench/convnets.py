@@ -1,7 +1,7 @@
 """Convnet products per second: pyflat's graph engine against autograd, side by side.
 
     python -m bench.convnets                  # digits CNN and ResNet-8, table + JSON
-    python -m bench.convnets --models resnet8 --k 8
+    python -m bench.convnets --models resnet8 --k 8 --seconds 10
 
 Models (float32, eval mode): a small CNN on a batch of scikit-learn's 8x8 digits, and a
 CIFAR-style ResNet-8 (BatchNorm, strided shortcut convolutions) on 32x32 random images.
@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 1024 digits for the CNN, 256 for ResNet-8)")
-    parser.add_argument("--k", type=int, default=8, help="directions per block")
+    parser.add_argument("--k", type=int, default=4, help="directions per block")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=5.0,
+    parser.add_argument("--seconds", type=float, default=3.0,
                         help="minimum timing time per model (more rounds, less noise)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for convnets.json and convnets.md")

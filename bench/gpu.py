@@ -10,11 +10,13 @@ no download on the GPU machine):
   product (jvp, loss Hessian, vjp); a block of 16 Hessian products against torch.func's
   forward-over-reverse under vmap;
 * MLP 784-1024-512-256-128-64-10 (ReLU), batch 512: single GGN product against torch.func
-  (launch- and overhead-bound).
+  (launch- and overhead-bound);
+* the convnets of bench.convnets (graph engine): the digits CNN on 1x8x8 Gaussian images,
+  batch 1024, and ResNet-8 on 3x32x32, batch 256: single GGN and Hessian products.
 
 Each method is checked against the float64 reference once before timing. The achieved
-TFLOP/s (GEMM work of the product) is reported next to a large float32 matmul timed in the
-same run.
+TFLOP/s (GEMM work of the product, MLPs only) is reported next to a large float32 matmul
+timed in the same run.
 """
 from __future__ import annotations
 
@@ -30,22 +32,33 @@ from torch.func import vmap
 import pyflat
 from pyflat import reference
 
-from .common import (cuda_clock, machine, matmul_ceiling, mlp, product_flops, time_interleaved,
-                     write_results)
+from .common import (ResNet8, cuda_clock, digits_cnn, machine, matmul_ceiling, mlp,
+                     product_flops, time_interleaved, write_results)
 
 CASES = [
-    # name, widths, batch, product, k, target speed-up over torch.func
+    # name, widths (MLP) or (model builder, sample shape), batch, product, k,
+    # target speed-up over torch.func
     ("mlp1024-ggn", [784, 1024, 1024, 10], 4096, "ggn", 1, 1.5),
     ("mlp1024-hessian16", [784, 1024, 1024, 10], 4096, "hessian", 16, 1.0),
     ("mlp-deep-ggn", [784, 1024, 512, 256, 128, 64, 10], 512, "ggn", 1, 10.0),
+    ("cnn-ggn", (digits_cnn, (1, 8, 8)), 1024, "ggn", 1, 1.5),
+    ("resnet8-ggn", (ResNet8, (3, 32, 32)), 256, "ggn", 1, 1.5),
+    ("resnet8-hessian", (ResNet8, (3, 32, 32)), 256, "hessian", 1, 1.5),
 ]
 
 
 def run_case(name, widths, batch, product, k, target, seconds):
     gen = torch.Generator().manual_seed(0)
-    model = mlp(widths, nn.ReLU).cuda()
-    X = torch.randn(batch, widths[0], generator=gen).cuda()
-    y = torch.randint(0, widths[-1], (batch,), generator=gen).cuda()
+    if isinstance(widths, tuple):  # a convnet
+        build, shape = widths
+        model = build().eval().cuda()
+        X = torch.randn(batch, *shape, generator=gen).cuda()
+        classes = 10
+    else:
+        model = mlp(widths, nn.ReLU).cuda()
+        X = torch.randn(batch, widths[0], generator=gen).cuda()
+        classes = widths[-1]
+    y = torch.randint(0, classes, (batch,), generator=gen).cuda()
     P = sum(p.numel() for p in model.parameters())
     V = torch.randn(P, k, generator=gen).cuda()
     x = V[:, 0] if k == 1 else V
@@ -63,13 +76,16 @@ def run_case(name, widths, batch, product, k, target, seconds):
     errors = {m: float((fn().double() - exact).abs().max() / exact.abs().max())
               for m, fn in methods.items()}
     times = time_interleaved(methods, min_seconds=seconds, max_rounds=200, clock=cuda_clock)
-    flops = product_flops(widths, batch, product == "hessian") * k
+    flops = (None if isinstance(widths, tuple)
+             else product_flops(widths, batch, product == "hessian") * k)
     rows = {}
     for m, t in times.items():
         rows[m] = {"ms": t["median_s"] * 1e3, "q1_ms": t["q1_s"] * 1e3, "q3_ms": t["q3_s"] * 1e3,
-                   "tflops": flops / t["median_s"] / 1e12, "rel_error": errors[m]}
+                   "tflops": flops / t["median_s"] / 1e12 if flops else None,
+                   "rel_error": errors[m]}
     speedup = rows["torch.func"]["ms"] / rows["pyflat"]["ms"]
-    return {"case": name, "widths": widths, "batch": batch, "product": product, "k": k,
+    return {"case": name, "widths": widths if flops else name.split("-")[0], "batch": batch,
+            "product": product, "k": k,
             "params": P, "methods": rows, "speedup": speedup, "target": target,
             "met": speedup >= target}
 
@@ -97,8 +113,9 @@ def main(argv=None) -> int:
             speed = f"{r['speedup']:.2f}x" if m == "pyflat" else ""
             target = (f">= {r['target']}x {'met' if r['met'] else 'MISSED'}" if m == "pyflat"
                       else "")
+            tflops = "" if row["tflops"] is None else f"{row['tflops']:.2f}"
             lines.append(f"| {r['case']} (batch {r['batch']}, k={r['k']}) | {m} | "
-                         f"{row['ms']:.3f} | {row['tflops']:.2f} | {row['rel_error']:.1e} | "
+                         f"{row['ms']:.3f} | {tflops} | {row['rel_error']:.1e} | "
                          f"{speed} | {target} |")
     text = "\n".join(lines) + "\n"
     write_results(args.out, "gpu", text,

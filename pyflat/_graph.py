@@ -26,6 +26,7 @@ Node kinds and their rules (R = directional derivative, D = delta, e = gradient 
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -305,6 +306,19 @@ def _conv_backward(grad_out, x, weight, p, want_input: bool, want_weight: bool):
     return grads[0], grads[1]
 
 
+@contextlib.contextmanager
+def _reproducible(device: torch.device):
+    """cuDNN may pick convolution-backward algorithms that add with atomics: a product
+    would then change in the last bits from call to call. Ask for deterministic ones."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True,
+                     allow_tf32=cudnn.allow_tf32):
+        yield
+
+
 class GraphEngine:
     """Prepared forward of one batch through a captured graph, and the products on it.
 
@@ -374,8 +388,9 @@ class GraphEngine:
         if self.exact:
             # gradient deltas e of every node: the backward with one "direction", the
             # loss gradient, and no second-order terms
-            deltas = self._backward(grad.unsqueeze(1), tangents=None, directions=None,
-                                    out=None, exact=False)
+            with _reproducible(grad.device):
+                deltas = self._backward(grad.unsqueeze(1), tangents=None, directions=None,
+                                        out=None, exact=False)
             for i, node in enumerate(nodes):
                 e = deltas[i]
                 if e is None:
@@ -487,13 +502,14 @@ class GraphEngine:
     # ------------------------------------------------------------ products
     def matmat(self, directions: torch.Tensor) -> torch.Tensor:
         """Products on a (k, P) block of directions (rows); returns (k, P)."""
-        tangents = self._tangents(directions)
-        logits_tangent = tangents[self.graph.output]
-        out = directions.new_zeros(directions.shape)
-        if logits_tangent is None:
-            return out
-        d = ops.softmax_hessian(self.probs, logits_tangent, self.reduction)
-        self._backward(d, tangents, directions, out, self.exact)
+        with _reproducible(directions.device):
+            tangents = self._tangents(directions)
+            logits_tangent = tangents[self.graph.output]
+            out = directions.new_zeros(directions.shape)
+            if logits_tangent is None:
+                return out
+            d = ops.softmax_hessian(self.probs, logits_tangent, self.reduction)
+            self._backward(d, tangents, directions, out, self.exact)
         return out
 
     def _direction(self, directions: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,17 @@ def test_dataset_benchmark_runs(tmp_path):
     # cache on or off, the numbers are the same
     assert rows[0]["top_eigenvalue"] == rows[1]["top_eigenvalue"]
     assert rows[2]["trace"] == rows[3]["trace"]
+
+
+def test_convnet_benchmark_runs_and_checks_every_method(tmp_path):
+    from bench import convnets
+
+    assert convnets.main(["--models", "cnn", "resnet8", "--batch", "8", "--k", "2",
+                          "--seconds", "0.01", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "convnets.json").read_text())
+    assert [r["model"] for r in result["results"]] == ["cnn", "resnet8"]
+    for res in result["results"]:
+        assert all(r["rel_error"] < convnets.CHECK_TOL for r in res["rows"])
+        assert {("ggn", 1, "pyflat"), ("hessian", 2, "torch.func")} <= {
+            (r["product"], r["k"], r["method"]) for r in res["rows"]}
+    assert "| resnet8 | ggn | 1 | torch.func |" in (tmp_path / "convnets.md").read_text()

@@ -109,3 +109,54 @@ def test_labels_out_of_range_on_the_device():
                                            r"got values from 0 to 5"):
         pyflat.ops.mlp_forward(X.cuda(), y.cuda(), spec.weights, spec.biases, spec.activations,
                                spec.activation_params)
+
+
+# ---- the graph engine (convnets, residual networks) on the GPU --------------------------
+
+CONV_MODELS = ["small-cnn", "vgg-style", "preact-resnet", "wide-block", "grouped-depthwise",
+               "conv1d"]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("name", CONV_MODELS)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_graph_engine_float64_matches_reference_and_cpu(product, name, k):
+    from test_convnets import build
+
+    fused, _, ref = PRODUCTS[product]
+    model, data = build(name, 5)
+    V = random_block(num_params(model), k)
+    on_cpu = fused(model, data) @ V
+    model, data = on_cuda(model, data)
+    op = fused(model, data)
+    assert op.engine == "graph"
+    got = op @ V.cuda()
+    assert relative_error(got, ref(model, data, V.cuda())) < 1e-10
+    assert relative_error(got.cpu(), on_cpu) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["vgg-style", "preact-resnet", "grouped-depthwise"])
+def test_graph_engine_float32_within_autograd_error(name):
+    from test_convnets import build
+
+    model64, data64 = on_cuda(*build(name, 16))
+    model32, data32 = on_cuda(*build(name, 16, dtype=torch.float32))
+    V = random_block(num_params(model64), 4).cuda()
+    for fused, _, ref in PRODUCTS.values():
+        exact = ref(model64, data64, V)
+        autograd32 = relative_error(ref(model32, data32, V.float()).double(), exact)
+        fused32 = relative_error((fused(model32, data32) @ V.float()).double(), exact)
+        assert fused32 <= 4 * max(autograd32, 8 * torch.finfo(torch.float32).eps), \
+            (fused32, autograd32)
+
+
+def test_graph_engine_is_bitwise_reproducible():
+    from test_convnets import build
+
+    model, data = on_cuda(*build("preact-resnet", 64, dtype=torch.float32))
+    V = random_block(num_params(model), 4, dtype=torch.float32).cuda()
+    for fused, _, _ in PRODUCTS.values():
+        op = fused(model, data)
+        first = op @ V
+        assert torch.equal(first, op @ V)
+        assert torch.equal(first, fused(model, data) @ V)
