@@ -345,6 +345,15 @@ class GraphEngine:
         for i, node in enumerate(nodes):
             for j in node.inputs:
                 self.users[j].append(i)
+        # tangents the exact Hessian's backward reads (inputs of layers with parameters and
+        # of curved activations); the others may be overwritten or freed once consumed
+        self.keep = [False] * len(nodes)
+        if exact:
+            for i, node in enumerate(nodes):
+                curved = node.kind == "activation" and node.activation[0] in ops.CURVED_ACTIVATIONS
+                if node.kind in ("linear", "conv", "batchnorm") or curved:
+                    for j in node.inputs:
+                        self.keep[j] = True
         self.param_views = {}  # per node: weight/bias snapshots
         for node in nodes:
             self.param_views[id(node)] = {k: p.detach().clone() for k, p in node.params.items()}
@@ -519,19 +528,28 @@ class GraphEngine:
     def _tangents(self, directions: torch.Tensor) -> list[Optional[torch.Tensor]]:
         nodes, B, k = self.graph.nodes, self.batch, directions.shape[0]
         T: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        fresh = [False] * len(nodes)  # T[i] is memory node i allocated (not a view)
+
+        def consumable(j: int, i: int) -> bool:
+            """Whether node i may overwrite its input's tangent: i is its only reader."""
+            return fresh[j] and self.users[j] == [i] and not self.keep[j]
+
         for i, node in enumerate(nodes):
             if not self.carries[i]:
                 continue
-            t = T[node.inputs[0]] if node.inputs else None
+            src = node.inputs[0] if node.inputs else None
+            t = T[src] if src is not None else None
+            in_place = t is not None and consumable(src, i)
             c, p = self.cache[i], self.param_views[id(node)]
             shape = self.shapes[i]
+            fresh[i] = True
             if node.kind == "linear":
                 V = self._direction(directions, node.params["weight"])   # (k, out, in)
                 out = (c["a"] @ V.reshape(-1, V.shape[-1]).t()).view(B, k, -1)
                 if t is not None:
-                    out = out + (t.reshape(B * k, -1) @ p["weight"].t()).view(B, k, -1)
+                    out.add_((t.reshape(B * k, -1) @ p["weight"].t()).view(B, k, -1))
                 if "bias" in node.params:
-                    out = out + self._direction(directions, node.params["bias"])
+                    out.add_(self._direction(directions, node.params["bias"]))
                 T[i] = out
             elif node.kind == "conv":
                 conv = c["conv"]
@@ -545,14 +563,17 @@ class GraphEngine:
                 out = out.view(B, g, k, O // g, *spatial).transpose(1, 2).reshape(B, k, O,
                                                                                  *spatial)
                 if t is not None:
-                    out = out + _conv(t.reshape(B * k, *t.shape[2:]), p["weight"],
-                                      conv).view(B, k, O, *spatial)
+                    out.add_(_conv(t.reshape(B * k, *t.shape[2:]), p["weight"],
+                                   conv).view(B, k, O, *spatial))
                 if "bias" in node.params:
                     cb = self._direction(directions, node.params["bias"])
-                    out = out + cb.view(1, k, O, *([1] * len(spatial)))
+                    out.add_(cb.view(1, k, O, *([1] * len(spatial))))
                 T[i] = out
             elif node.kind == "activation":
-                T[i] = ops.activation_tangent(c["first"], t)
+                if in_place:  # s' * t over t itself
+                    T[i] = ops.activation_delta_(t, c["first"])
+                else:
+                    T[i] = ops.activation_tangent(c["first"], t)
             elif node.kind == "maxpool":
                 idx = c["indices"]
                 C, H, W = c["in_shape"]
@@ -564,28 +585,40 @@ class GraphEngine:
                 T[i] = c["rows"] @ t @ c["cols"].t()
             elif node.kind == "batchnorm":
                 C = shape[0]
-                bshape = (1, 1, C) + (1,) * (len(shape) - 1)
-                out = None if t is None else t * c["scale"].view(bshape)
+                per_channel = (1, k, C) + (1,) * (len(shape) - 1)
+                scale = c["scale"].view(1, 1, C, *per_channel[3:])
+                if t is None:
+                    out = torch.zeros((B, k, *shape), dtype=directions.dtype,
+                                      device=directions.device)
+                else:
+                    out = t.mul_(scale) if in_place else t * scale
                 if "weight" in node.params:
                     Rg = self._direction(directions, node.params["weight"])
-                    term = c["xhat"].unsqueeze(1) * Rg.view(1, k, C, *bshape[3:])
-                    out = term if out is None else out + term
+                    out.addcmul_(c["xhat"].unsqueeze(1), Rg.view(per_channel))
                 if "bias" in node.params:
-                    Rb = self._direction(directions, node.params["bias"])
-                    term = Rb.view(1, k, C, *bshape[3:])
-                    out = term.expand(B, k, *shape) if out is None else out + term
+                    out.add_(self._direction(directions, node.params["bias"]).view(per_channel))
                 T[i] = out
             elif node.kind == "reshape":
-                T[i] = t.reshape(B, k, *shape)
+                T[i], fresh[i] = t.reshape(B, k, *shape), False
             elif node.kind == "add":
-                a, b = (T[j] for j in node.inputs)
-                T[i] = a if b is None else b if a is None else a + b
+                a, b = node.inputs
+                if T[a] is None or T[b] is None:
+                    T[i], fresh[i] = (T[b] if T[a] is None else T[a]), False
+                elif consumable(a, i):
+                    T[i] = T[a].add_(T[b])
+                elif consumable(b, i):
+                    T[i] = T[b].add_(T[a])
+                else:
+                    T[i] = T[a] + T[b]
             elif node.kind == "identity":
-                T[i] = t
+                T[i], fresh[i] = t, False
             elif node.kind == "scale":
-                T[i] = t * node.factor
-            if T[i] is not None:
-                T[i] = T[i].contiguous()
+                T[i] = t.mul_(node.factor) if in_place else t * node.factor
+            if T[i] is not None and not T[i].is_contiguous():
+                T[i], fresh[i] = T[i].contiguous(), True
+            for j in node.inputs:  # free what no later node reads
+                if self.users[j][-1] == i and not self.keep[j]:
+                    T[j] = None
         return T
 
     def _backward(self, d_out: torch.Tensor, tangents, directions, out, exact: bool):
@@ -684,8 +717,8 @@ class GraphEngine:
                             1, 2, 0, 3, *range(4, 4 + len(kernel))).reshape(O, k * I_g, *kernel)
                         he = _conv_backward(e, (B, g * k * I_g, *in_shape[1:]), Vt, conv, True,
                                             False)[0]
-                        din = din + he.view(B, g, k, I_g, *in_shape[1:]).transpose(1, 2).reshape(
-                            B, k, *in_shape)
+                        din.add_(he.view(B, g, k, I_g, *in_shape[1:]).transpose(1, 2).reshape(
+                            B, k, *in_shape))
                     send(src, din, False)
             elif node.kind == "activation":
                 if needs_input:
@@ -736,10 +769,11 @@ class GraphEngine:
                     if "bias" in node.params:
                         write(node.params["bias"], d.sum(dim=reduce))
                 if needs_input:
-                    din = d * c["scale"].view(bshape)
+                    # over d itself where no one else holds it (a product, not the prepare)
+                    owned = out is not None and not shared[i] and d.is_contiguous()
+                    din = d.mul_(c["scale"].view(bshape)) if owned else d * c["scale"].view(bshape)
                     if Rg is not None:
-                        din = din + e.unsqueeze(1) * (Rg * c["inv_sd"]).view(1, k, C,
-                                                                              *bshape[3:])
+                        din.addcmul_(e.unsqueeze(1), (Rg * c["inv_sd"]).view(1, k, C, *bshape[3:]))
                     send(src, din, False)
             elif node.kind == "reshape":
                 if needs_input:

@@ -1,8 +1,9 @@
 """Reading an nn.Module into the engine's description of an MLP.
 
-The fused engine takes a chain of Linear layers with at most one elementwise activation
+The MLP engine takes a chain of Linear layers with at most one elementwise activation
 after each. This module walks an ``nn.Sequential`` (nested ones too), checks that every
-module is one the engine computes exactly, and says which module is not, by its path.
+module is one the engine computes exactly, and says which module is not, by its path;
+a model it does not take goes to the graph engine (pyflat/_graph.py) instead.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class MLPSpec:
 
 
 def _unsupported(caller: str, path: str, module: nn.Module, why: str = "") -> TypeError:
-    reason = why or ("the fused engine supports " + ", ".join(SUPPORTED_MODULES))
+    reason = why or ("the MLP engine supports " + ", ".join(SUPPORTED_MODULES))
     return TypeError(f"{caller}: unsupported module {type(module).__name__} at '{path}': "
                      f"{reason}")
 
@@ -93,7 +94,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
     if not isinstance(model, (nn.Sequential, nn.Linear)) and any(True for _ in model.children()):
         raise _unsupported(caller, "<model>", model,
                            "a module with its own forward() cannot be read as a chain of "
-                           "layers; the fused engine takes an nn.Sequential (nested allowed) of "
+                           "layers; the MLP engine takes an nn.Sequential (nested allowed) of "
                            + ", ".join(SUPPORTED_MODULES))
     spec = MLPSpec()
     activation_after: Optional[str] = None  # path of the activation following the last Linear
@@ -117,7 +118,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
             elif activation_after is not None:
                 raise _unsupported(caller, path, module,
                                    f"it directly follows the activation at '{activation_after}'; "
-                                   "the fused engine takes at most one activation after each "
+                                   "the MLP engine takes at most one activation after each "
                                    "Linear")
             else:
                 spec.activations[-1] = name
@@ -141,7 +142,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
         else:
             raise _unsupported(caller, path, module)
     if not spec.weights:
-        raise TypeError(f"{caller}: model has no Linear layer; the fused engine needs at least one")
+        raise TypeError(f"{caller}: model has no Linear layer; the MLP engine needs at least one")
 
     own = list(model.parameters())
     if len(own) != len(spec.parameters) or any(a is not b for a, b in zip(own, spec.parameters)):

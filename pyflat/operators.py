@@ -593,8 +593,14 @@ class GGN(_MLPCurvature):
     operator keeps a copy of the weights, so it describes the model as it was then.
 
     Args:
-        model: ``nn.Sequential`` of Linear layers and activations (see
-            :data:`pyflat._model.SUPPORTED_MODULES`), float32 or float64.
+        model: float32 or float64, in eval mode. An ``nn.Sequential`` of Linear layers and
+            activations runs through the MLP engine; convnets and residual networks
+            (Conv1d/Conv2d, pooling, eval-mode BatchNorm, additions, any ``forward()`` that
+            torch.fx can trace; see :data:`pyflat._graph.SUPPORTED`) through the graph
+            engine; other models through the autograd reference (see ``backend``).
+            BatchNorm counts as the fixed affine map of its running statistics, so the
+            curvature is that of the eval-mode function; its weight and bias are
+            parameters like any other.
         data: a batch ``(X, y)``; y holds class indices. See below for data sets.
         reduction: ``"mean"`` (the default, as ``F.cross_entropy``) or ``"sum"``.
         weight_decay: mu >= 0 of the L2 term mu/2 |theta|^2.

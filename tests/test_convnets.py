@@ -128,6 +128,33 @@ def grouped() -> nn.Module:
         nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(), nn.Linear(24, 3))
 
 
+class StemBlock(nn.Module):
+    """torchvision's ResNet layout: a 7x7 stride-2 stem, 3x3 stride-2 max pooling with
+    padding, basic blocks with one in-place ReLU module used twice and `out += identity`."""
+
+    def __init__(self, width: int = 4, classes: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.block_conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.block_bn1 = nn.BatchNorm2d(width)
+        self.block_conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.block_bn2 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        identity = x
+        out = self.relu(self.block_bn1(self.block_conv1(x)))
+        out = self.block_bn2(self.block_conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.avgpool(out), 1))
+
+
 class Conv1dNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -147,6 +174,7 @@ MODELS = {
     "preact-resnet": (PreActResNet, (3, 9, 9), 10),
     "preact-resnet-tanh": (lambda: PreActResNet(3, 4, torch.tanh), (3, 7, 7), 4),
     "wide-block": (WideBlock, (3, 8, 8), 4),
+    "resnet-stem": (StemBlock, (3, 19, 19), 6),
     "grouped-depthwise": (grouped, (4, 13, 13), 3),
     "conv1d": (Conv1dNet, (2, 9), 3),
     "two-activations": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Tanh(),
