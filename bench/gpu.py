@@ -93,7 +93,7 @@ def run_case(name, widths, batch, product, k, target, seconds):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA GPU is visible to torch", file=sys.stderr)

@@ -8,7 +8,7 @@
 # generic vs reference vs CPU, float32 and float64, odd sizes, k = 1 and 16; convnets
 # through the graph engine) and the GPU
 # benchmark, and writes logs, JUnit XML, JSON and markdown into OUTPUT_DIR.
-# Budget: about 6 minutes on a 16-core H200 machine.
+# Budget: about 4 minutes on a 16-core H200 machine.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUTPUT_DIR}
 mkdir -p "$OUT"
@@ -27,10 +27,10 @@ status=0
 python -c "import torch, pyflat; assert torch._C._dispatch_has_kernel_for_dispatch_key('pyflat::mlp_forward', 'CUDA'); print('pyflat CUDA kernels registered')" \
     >> "$OUT/build.log" 2>&1 || { echo "build or import failed: see $OUT/build.log"; exit 1; }
 
-timeout 180 python -m pytest -q -m cuda tests/test_cuda.py --junitxml "$OUT/cuda-tests.xml" \
+timeout 150 python -m pytest -q -m cuda tests/test_cuda.py --junitxml "$OUT/cuda-tests.xml" \
     > "$OUT/cuda-tests.log" 2>&1 || status=1
 tail -n 3 "$OUT/cuda-tests.log"
 
-timeout 120 python -m bench.gpu --out "$OUT" > "$OUT/gpu-bench.log" 2>&1 || status=1
+timeout 90 python -m bench.gpu --out "$OUT" > "$OUT/gpu-bench.log" 2>&1 || status=1
 cat "$OUT/gpu.md" 2>/dev/null || tail -n 20 "$OUT/gpu-bench.log"
 exit $status

@@ -111,7 +111,8 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
         frobenius_probes: probes for ||A||_F.
         slq_probes, slq_steps: stochastic Lanczos quadrature for the rank.
         rank_rtol: eigenvalues above rank_rtol x spectral norm count toward the rank.
-        per_layer: also the top eigenvalue and trace of each Linear layer's block.
+        per_layer: also the top eigenvalue and trace of each Linear and convolution
+            layer's block.
         seed: every random draw derives from it; the same call gives the same numbers.
 
     Example:
@@ -177,10 +178,10 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
 
 
 def _per_layer(op, model: nn.Module, k_seed: int, trace_products: int) -> list[dict]:
-    """Top eigenvalue and trace of each Linear layer's diagonal block."""
+    """Top eigenvalue and trace of each Linear and convolution layer's diagonal block."""
     out = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
         params = [module.weight] + ([module.bias] if module.bias is not None else [])
         block = op.restrict(params)
