@@ -384,7 +384,10 @@ class GraphEngine:
         self.shapes = [tuple(v.shape[1:]) for v in values]
         for i, node in enumerate(nodes):
             if node.kind in ("linear", "conv") and node.inputs:
-                self.cache[i]["a"] = values[node.inputs[0]]
+                self.cache[i]["a"] = a = values[node.inputs[0]]
+                if self.cache[i].get("pointwise"):  # (B, I, pixels the 1x1 kernel visits)
+                    stride = self.cache[i]["conv"]["stride"]
+                    self.cache[i]["a_sub"] = _subsample(a, stride).reshape(B, a.shape[1], -1)
         self.logits, self.num_classes = logits, logits.shape[1]
 
     def prepare_loss(self, y: torch.Tensor) -> None:
@@ -445,6 +448,10 @@ class GraphEngine:
                                 f"of shape {tuple(x.shape)}; it takes (batch, {m.in_channels}, "
                                 f"{', '.join('...' for _ in m.kernel_size)})")
             cache["conv"] = conv = _conv_params(m)
+            # 1x1 convolutions without padding or groups are GEMMs over the (subsampled)
+            # pixels: oneDNN's strided 1x1 backward is slower than the forward it mirrors
+            cache["pointwise"] = (all(s == 1 for s in m.kernel_size) and conv["groups"] == 1
+                                  and all(q == 0 for q in conv["padding"]))
             return torch.ops.aten.convolution(x, p["weight"], p.get("bias"), conv["stride"],
                                               conv["padding"], conv["dilation"], False,
                                               [0] * len(conv["stride"]), conv["groups"])
@@ -550,6 +557,18 @@ class GraphEngine:
                     out.add_((t.reshape(B * k, -1) @ p["weight"].t()).view(B, k, -1))
                 if "bias" in node.params:
                     out.add_(self._direction(directions, node.params["bias"]))
+                T[i] = out
+            elif node.kind == "conv" and c["pointwise"]:
+                V = self._direction(directions, node.params["weight"])   # (k, O, I, 1...)
+                O, I, spatial = V.shape[1], V.shape[2], shape[1:]
+                out = torch.matmul(V.reshape(k * O, I), c["a_sub"]).view(B, k, O, *spatial)
+                if t is not None:
+                    t_sub = _subsample(t, c["conv"]["stride"]).reshape(B * k, I, -1)
+                    out.add_(torch.matmul(p["weight"].reshape(O, I), t_sub).view(B, k, O,
+                                                                                *spatial))
+                if "bias" in node.params:
+                    cb = self._direction(directions, node.params["bias"])
+                    out.add_(cb.view(1, k, O, *([1] * len(spatial))))
                 T[i] = out
             elif node.kind == "conv":
                 conv = c["conv"]
@@ -665,6 +684,31 @@ class GraphEngine:
                         V = self._direction(directions, node.params["weight"])
                         din = din + (e @ V.transpose(0, 1).reshape(O, -1)).view(B, k, -1)
                     send(src, din, False)
+            elif node.kind == "conv" and c["pointwise"]:
+                a_sub, W, stride = c["a_sub"], p["weight"], c["conv"]["stride"]
+                O, I, S = d.shape[2], a_sub.shape[1], a_sub.shape[2]
+                ones = W.shape[2:]
+                e = c.get("e") if exact else None
+                if out is not None:
+                    # sum over the batch of per-sample GEMMs: a fixed-order reduction
+                    gw = torch.matmul(d.reshape(B, k * O, S), a_sub.transpose(1, 2)).sum(0)
+                    gw = gw.view(k, O, I)
+                    if e is not None and t_in is not None:
+                        t_sub = _subsample(t_in, stride).reshape(B, k * I, S)
+                        he = torch.matmul(e.reshape(B, O, S), t_sub.transpose(1, 2)).sum(0)
+                        gw = gw + he.view(O, k, I).transpose(0, 1)
+                    write(node.params["weight"], gw.reshape(k, O, I, *ones))
+                    if "bias" in node.params:
+                        write(node.params["bias"], d.sum(dim=(0, *range(3, d.dim()))))
+                if needs_input:
+                    sub = torch.matmul(W.reshape(O, I).t(), d.reshape(B * k, O, S))
+                    if e is not None:
+                        V = self._direction(directions, node.params["weight"]).reshape(k, O, I)
+                        sub = sub.view(B, k * I, S).add_(torch.matmul(
+                            V.transpose(1, 2).reshape(k * I, O), e.reshape(B, O, S)))
+                    in_shape = c["a"].shape[1:]
+                    send(src, _upsample(sub.view(B * k, I, S), in_shape, stride).view(
+                        B, k, *in_shape), False)
             elif node.kind == "conv":
                 conv = c["conv"]
                 g = conv["groups"]
@@ -790,6 +834,23 @@ class GraphEngine:
             if out is not None:
                 D[i] = None  # free as we go; the prepare pass keeps them all
         return D
+
+
+def _subsample(x: torch.Tensor, stride) -> torch.Tensor:
+    """The pixels a 1x1 convolution with this stride reads: x[..., ::s1, ::s2]."""
+    if all(s == 1 for s in stride):
+        return x
+    return x[(Ellipsis,) + tuple(slice(None, None, s) for s in stride)]
+
+
+def _upsample(sub: torch.Tensor, in_shape, stride) -> torch.Tensor:
+    """The adjoint of _subsample: (N, C, pixels) back onto (N, *in_shape), zeros between."""
+    if all(s == 1 for s in stride):
+        return sub.view(sub.shape[0], *in_shape)
+    full = sub.new_zeros((sub.shape[0], *in_shape))
+    picked = _subsample(full, stride)
+    picked.copy_(sub.view(picked.shape))
+    return full
 
 
 def _pair(v) -> list[int]:

@@ -47,6 +47,7 @@ def vgg_style() -> nn.Module:
         nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
         nn.MaxPool2d(3, stride=2, padding=1),
         nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(),
+        nn.Conv2d(8, 8, 1), nn.Tanh(),  # a 1x1 convolution, stride 1, with bias
         nn.MaxPool2d(2, ceil_mode=True),
         nn.Flatten(), nn.Linear(8 * 3 * 3, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Dropout(0.3),
         nn.Linear(12, 5))
@@ -159,11 +160,12 @@ class Conv1dNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.pointwise = nn.Conv1d(4, 4, 1, stride=1)
         self.bn = nn.BatchNorm1d(4)
         self.head = nn.Linear(4 * 5, 3)
 
     def forward(self, x):
-        out = torch.sigmoid(self.bn(self.conv(x))) * 2.0
+        out = torch.sigmoid(self.bn(self.pointwise(self.conv(x)))) * 2.0
         return self.head(out.reshape(x.shape[0], -1)) / 3.0
 
 
