@@ -261,20 +261,20 @@ def sharpness_command(args) -> int:
 
 def bench(args) -> int:
     try:
-        from bench import convnets, products
+        from bench import sweep
     except ImportError:
-        raise UsageError("pyflat bench runs the benchmarks in a source checkout's bench/ "
+        raise UsageError("pyflat bench runs the benchmark sweep in a source checkout's bench/ "
                          "folder: run it from the repository root") from None
-    status = 0
+    argv = ["--out", args.out, "--device", args.device]
     if args.quick:
-        status |= products.main(["--models", "logreg", "mlp256", "--seconds", "0.5",
-                                 "--k", "8", "--out", args.out])
-        status |= convnets.main(["--models", "cnn", "--batch", "256", "--seconds", "0.5",
-                                 "--out", args.out])
-    else:
-        status |= products.main(["--out", args.out])
-        status |= convnets.main(["--out", args.out])
-    return status
+        argv += ["--models", "mlp128", "cnn", "--batches", "256", "--ks", "1", "4",
+                 "--seconds", "0.3"]
+    for flag in ("models", "batches", "ks"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", *map(str, getattr(args, flag))]
+    if args.seconds is not None:
+        argv += ["--seconds", str(args.seconds)]
+    return sweep.main(argv)
 
 
 # --------------------------------------------------------------------------- main
@@ -324,11 +324,17 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(run=sharpness_command)
 
     b = sub.add_parser("bench", help="pyflat against autograd: products per second",
-                       description="Runs the products and convnet benchmarks (pyflat against "
-                       "torch.func and double backward, each checked against the float64 "
-                       "reference) and writes markdown and JSON. Run from a source checkout.")
+                       description="Sweeps models (MLPs of two widths, a CNN), batch sizes and "
+                       "k, timing pyflat against torch.func and double-backward autograd, each "
+                       "checked against the float64 reference first; writes sweep.json, "
+                       "sweep.md and sweep.png. Run from a source checkout (bench/).")
     b.add_argument("--out", default="bench/results")
-    b.add_argument("--quick", action="store_true", help="fewer models and seconds")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--quick", action="store_true", help="fewer models, one batch size")
+    b.add_argument("--models", nargs="+", help="mlp128, mlp512, cnn (default: all)")
+    b.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 128 1024)")
+    b.add_argument("--ks", type=int, nargs="+", help="directions per call (default: 1 8)")
+    b.add_argument("--seconds", type=float, help="minimum timing time per case")
     b.set_defaults(run=bench)
     return parser
 

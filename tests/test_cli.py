@@ -110,3 +110,17 @@ def test_help_for_every_subcommand(capsys):
         assert exit_.value.code == 0
         assert f"usage: pyflat {command}" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_bench_sweep_writes_json_markdown_and_plot(tmp_path, monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    out = tmp_path / "sweep"
+    assert cli.main(["bench", "--models", "mlp128", "cnn", "--batches", "32", "--ks", "1", "3",
+                     "--seconds", "0.01", "--out", str(out)]) == 0
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    cases = {(r["model"], r["k"], r["product"], r["method"]) for r in rows}
+    assert ("cnn", 3, "hessian", "torch.func") in cases
+    assert ("mlp128", 1, "hessian", "double backward") in cases
+    assert all(r["rel_error"] < 1e-3 and r["products_per_s"] > 0 for r in rows)
+    assert (out / "sweep.png").stat().st_size > 0
+    assert "| cnn | 32 | 3 | ggn | pyflat |" in (out / "sweep.md").read_text()
