@@ -5,9 +5,11 @@
     python -m bench.sweep --models mlp128 --batches 64 --ks 1 --seconds 0.1   # a smoke run
 
 For every (model, batch, k, product) it times pyflat, torch.func (vmap over the k
-directions) and, for single Hessian products, double-backward autograd with the graph
-rebuilt per product; each method's result is checked once against the float64 reference
-before timing (a wrong result fails the run). Writes sweep.json, sweep.md and sweep.png
+directions), for single Hessian products double-backward autograd with the graph rebuilt
+per product, and curvlinops' GGN and Hessian operators when curvlinops is installed
+(`pip install curvlinops-for-pytorch`; it is not a dependency of pyflat). Each method's
+result is checked once against the float64 reference before timing (a wrong result fails
+the run). Writes sweep.json, sweep.md and sweep.png
 (products per second, log scale) to --out. Inputs are the digits (8x8, as vectors for the
 MLPs and images for the CNN), repeated when a batch exceeds the 1,797 images.
 """
@@ -48,6 +50,19 @@ def batch_of(size: int, layout: str, device):
     return X.to(device), y.to(device)
 
 
+def curvlinops_product(model, data, product: str):
+    """curvlinops' operator on this batch (its matmul takes (P,) and (P, k) tensors), or
+    None when curvlinops is not installed."""
+    try:
+        from curvlinops import GGNLinearOperator, HessianLinearOperator
+    except ImportError:
+        return None
+    kind = GGNLinearOperator if product == "ggn" else HessianLinearOperator
+    op = kind(model, nn.CrossEntropyLoss(), list(model.parameters()), [data],
+              check_deterministic=False, num_data=len(data[1]))
+    return lambda v: op @ v
+
+
 def methods(model, data, product: str, k: int):
     f = reference.functions(model, data)
     op = (pyflat.GGN if product == "ggn" else pyflat.Hessian)(model, data, backend="fused")
@@ -56,6 +71,9 @@ def methods(model, data, product: str, k: int):
            "torch.func": base if k == 1 else vmap(base, in_dims=1, out_dims=1)}
     if product == "hessian" and k == 1:
         out["double backward"] = f.hvp_double_backward_rebuilt
+    other = curvlinops_product(model, data, product)
+    if other is not None:
+        out["curvlinops"] = other
     return out
 
 
@@ -118,7 +136,7 @@ def plot(rows: list[dict], path: Path) -> None:
     cases = list(dict.fromkeys((r["model"], r["batch"], r["k"], r["product"]) for r in rows))
     labels = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases) + 2), 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cases) + 2), 4.5), dpi=120)
     for i, label in enumerate(labels):
         xs, ys = [], []
         for j, case in enumerate(cases):
@@ -129,7 +147,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 ys.append(match[0]["products_per_s"])
         ax.bar(xs, ys, width, label=label)
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([f"{m}\nB={b} k={k}\n{p}" for m, b, k, p in cases], fontsize=7)
+    ax.set_xticklabels([f"{m}\nB{b} k{k}\n{p}" for m, b, k, p in cases], fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("products per second")
     ax.legend(fontsize=8)

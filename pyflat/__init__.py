@@ -1,8 +1,9 @@
 """pyflat: fast, exact curvature of cross-entropy networks.
 
-Operators ``GGN`` and ``Hessian`` give Gauss-Newton and exact Hessian products of an
-MLP's cross-entropy loss, k directions at a time, from a fused C++ engine;
-``pyflat.reference`` gives the same products by autograd, as the oracle.
+Operators ``GGN`` and ``Hessian`` give Gauss-Newton and exact Hessian products of the
+cross-entropy loss of MLPs, convnets and residual networks, k directions at a time, from
+fused engines; ``pyflat.reference`` gives the same products by autograd, as the oracle.
+``pyflat`` on the command line runs the demo, the sharpness report and the benchmarks.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
