@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: data, models, timing, machine description."""
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import platform
@@ -158,6 +159,81 @@ def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: floa
         out[name] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2],
                      "rounds": len(ts)}
     return out
+
+
+def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: float
+                    ) -> tuple[list[dict], float]:
+    """Checks every method once against the float64 reference, then times them (and a
+    loss gradient) in interleaved rounds.
+
+    Args:
+        methods: {(product, k, label): fn(x)} with product "ggn" or "hessian", k 1 or the
+            block width, and a "pyflat" label among each (product, k).
+    Returns:
+        rows (product, k, method, rel_error, ms_per_product, products_per_s, q1_ms, q3_ms,
+        rounds, gradients, pyflat_speedup) and the gradient's median seconds.
+    """
+    from pyflat import reference
+
+    P = sum(p.numel() for p in model.parameters())
+    V64 = torch.randn(P, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model64 = copy.deepcopy(model).double()
+    data64 = (data[0].double(), data[1])
+    expected = {"ggn": reference.ggn_matmat(model64, data64, V64),
+                "hessian": reference.hessian_matmat(model64, data64, V64)}
+    inputs = {1: V64[:, 0].float(), k: V64.float()}
+    rows, calls = [], {}
+    for key, fn in methods.items():
+        product, kk, label = key
+        result = fn(inputs[kk]).double()
+        want = expected[product][:, 0] if kk == 1 else expected[product]
+        error = ((result - want).abs().max() / want.abs().max()).item()
+        rows.append({"product": product, "k": kk, "method": label, "rel_error": error})
+        calls[str(key)] = (lambda fn=fn, x=inputs[kk]: fn(x))
+    X, y = data
+    params = list(model.parameters())
+    calls["gradient"] = lambda: torch.autograd.grad(
+        nn.functional.cross_entropy(model(X), y), params)
+    timings = time_interleaved(calls, min_seconds=min_seconds)
+    grad_time = timings.pop("gradient")["median_s"]
+    for row, key in zip(rows, methods):
+        t = timings[str(key)]
+        per_vector = t["median_s"] / row["k"]
+        row.update(ms_per_product=per_vector * 1e3, products_per_s=1.0 / per_vector,
+                   q1_ms=t["q1_s"] / row["k"] * 1e3, q3_ms=t["q3_s"] / row["k"] * 1e3,
+                   rounds=t["rounds"], gradients=per_vector / grad_time)
+    for row in rows:
+        ours = next(r for r in rows if r["product"] == row["product"] and r["k"] == row["k"]
+                    and r["method"] == "pyflat")
+        row["pyflat_speedup"] = row["ms_per_product"] / ours["ms_per_product"]
+    return rows, grad_time
+
+
+def targets_report(results: list[dict], targets: dict, k: int) -> list[dict]:
+    """The speed-ups the project aims at, against those measured: targets maps
+    (product, k or "k", baseline) to {model: minimum speed-up}."""
+    report = []
+    for (product, kk, baseline), per_model in targets.items():
+        kk = k if kk == "k" else kk
+        for res in results:
+            if res["model"] not in per_model:
+                continue
+            row = next(r for r in res["rows"] if r["product"] == product and r["k"] == kk
+                       and r["method"] == baseline)
+            report.append({"model": res["model"], "product": product, "k": kk,
+                           "baseline": baseline, "speedup": row["pyflat_speedup"],
+                           "target": per_model[res["model"]],
+                           "met": row["pyflat_speedup"] >= per_model[res["model"]]})
+    return report
+
+
+def targets_markdown(report: list[dict]) -> list[str]:
+    lines = ["## Targets", "", "| model | product | k | against | speed-up | target | |",
+             "|---|---|---|---|---|---|---|"]
+    for t in report:
+        lines.append(f"| {t['model']} | {t['product']} | {t['k']} | {t['baseline']} | "
+                     f"{t['speedup']:.2f}x | {t['target']}x | {'met' if t['met'] else 'MISSED'} |")
+    return lines
 
 
 def matmul_ceiling(dtype=torch.float32, n: int = 2048, device: str = "cpu") -> float:

@@ -12,7 +12,6 @@ one loss gradient (forward + backward) measured in the same run.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from torch.func import vmap
 import pyflat
 from pyflat import reference
 
-from .common import (ResNet8, digit_images, digits_cnn, machine, random_images,
-                     time_interleaved, write_results)
+from .common import (ResNet8, compare_methods, digit_images, digits_cnn, machine,
+                     random_images, targets_markdown, targets_report, write_results)
 
 MODELS = {
     # name: (model builder, data builder(batch), title, default batch)
@@ -60,55 +59,10 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
     build, make_data, title, _ = MODELS[name]
     model = build().eval()
     data = make_data(batch)
-    P = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    V64 = torch.randn(P, k, generator=gen, dtype=torch.float64)
-    model64, data64 = copy.deepcopy(model).double(), (data[0].double(), data[1])
-    expected = {"ggn": reference.ggn_matmat(model64, data64, V64),
-                "hessian": reference.hessian_matmat(model64, data64, V64)}
-    methods = methods_for(model, data, k)
-    inputs = {1: V64[:, 0].float(), k: V64.float()}
-    rows, calls = [], {}
-    for key, fn in methods.items():
-        product, kk, label = key
-        result = fn(inputs[kk]).double()
-        want = expected[product][:, 0] if kk == 1 else expected[product]
-        error = ((result - want).abs().max() / want.abs().max()).item()
-        rows.append({"product": product, "k": kk, "method": label, "rel_error": error})
-        calls[str(key)] = (lambda fn=fn, x=inputs[kk]: fn(x))
-    X, y = data
-    params = list(model.parameters())
-    calls["gradient"] = lambda: torch.autograd.grad(
-        nn.functional.cross_entropy(model(X), y), params)
-    timings = time_interleaved(calls, min_seconds=min_seconds)
-    grad_time = timings.pop("gradient")["median_s"]
-    for row, key in zip(rows, methods):
-        t = timings[str(key)]
-        per_vector = t["median_s"] / row["k"]
-        row.update(ms_per_product=per_vector * 1e3, products_per_s=1.0 / per_vector,
-                   q1_ms=t["q1_s"] / row["k"] * 1e3, q3_ms=t["q3_s"] / row["k"] * 1e3,
-                   rounds=t["rounds"], gradients=per_vector / grad_time)
-    for row in rows:
-        ours = next(r for r in rows if r["product"] == row["product"] and r["k"] == row["k"]
-                    and r["method"] == "pyflat")
-        row["pyflat_speedup"] = row["ms_per_product"] / ours["ms_per_product"]
-    return {"model": name, "title": title, "batch": batch, "params": P,
+    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds)
+    return {"model": name, "title": title, "batch": batch,
+            "params": sum(p.numel() for p in model.parameters()),
             "gradient_ms": grad_time * 1e3, "rows": rows}
-
-
-def targets_report(results: list[dict]) -> list[dict]:
-    report = []
-    for (product, kk, baseline), per_model in TARGETS.items():
-        for res in results:
-            if res["model"] not in per_model:
-                continue
-            row = next(r for r in res["rows"] if r["product"] == product and r["k"] == kk
-                       and r["method"] == baseline)
-            report.append({"model": res["model"], "product": product, "k": kk,
-                           "baseline": baseline, "speedup": row["pyflat_speedup"],
-                           "target": per_model[res["model"]],
-                           "met": row["pyflat_speedup"] >= per_model[res["model"]]})
-    return report
 
 
 def markdown(results: list[dict], report: list[dict], info: dict) -> str:
@@ -127,11 +81,7 @@ def markdown(results: list[dict], report: list[dict], info: dict) -> str:
                          f"{r['products_per_s']:.1f} | {r['pyflat_speedup']:.2f}x | "
                          f"{r['gradients']:.2f} | {r['rel_error']:.1e} |")
         lines.append("")
-    lines += ["## Targets", "", "| model | product | k | against | speed-up | target | |",
-              "|---|---|---|---|---|---|---|"]
-    for t in report:
-        lines.append(f"| {t['model']} | {t['product']} | {t['k']} | {t['baseline']} | "
-                     f"{t['speedup']:.2f}x | {t['target']}x | {'met' if t['met'] else 'MISSED'} |")
+    lines += targets_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -156,7 +106,7 @@ def main(argv=None) -> int:
         print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
         batch = args.batch if args.batch is not None else MODELS[name][3]
         results.append(bench_model(name, batch, args.k, args.seconds))
-    report = targets_report(results)
+    report = targets_report(results, TARGETS, args.k)
     text = markdown(results, report, info)
     write_results(args.out, "convnets", text, {"machine": info, "results": results,
                                                 "targets": report})

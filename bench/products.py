@@ -14,7 +14,6 @@ float64 reference before timing. Methods run in interleaved rounds; medians repo
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
-from .common import (digits, machine, matmul_ceiling, mlp, product_flops, time_interleaved,
-                     write_results)
+from .common import (compare_methods, digits, machine, matmul_ceiling, mlp, product_flops,
+                     targets_markdown, targets_report, write_results)
 
 MODELS = {
     "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),
@@ -81,66 +80,13 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
     widths, activation, title = MODELS[name]
     model = mlp(widths, activation)
     data = digits(batch)
-    P = sum(p.numel() for p in model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    V64 = torch.randn(P, k, generator=gen, dtype=torch.float64)
-    model64, data64 = copy.deepcopy(model).double(), (data[0].double(), data[1])
-    expected = {"ggn": reference.ggn_matmat(model64, data64, V64),
-                "hessian": reference.hessian_matmat(model64, data64, V64)}
-
-    methods = methods_for(model, data, k)
-    inputs = {1: V64[:, 0].float(), k: V64.float()}
-    rows, calls = [], {}
-    for key, fn in methods.items():
-        product, kk, label = key
-        result = fn(inputs[kk]).double()
-        want = expected[product][:, 0] if kk == 1 else expected[product]
-        error = ((result - want).abs().max() / want.abs().max()).item()
-        rows.append({"product": product, "k": kk, "method": label, "rel_error": error})
-        calls[key] = (lambda fn=fn, x=inputs[kk]: fn(x))
-    grad_time = _gradient_time(model, data, min_seconds)
-    timings = time_interleaved({str(key): fn for key, fn in calls.items()},
-                               min_seconds=min_seconds)
-    for row, key in zip(rows, calls):
-        t = timings[str(key)]
-        per_vector = t["median_s"] / row["k"]
-        flops = product_flops(widths, batch, row["product"] == "hessian") * row["k"]
-        row.update(ms_per_product=per_vector * 1e3, products_per_s=1.0 / per_vector,
-                   q1_ms=t["q1_s"] / row["k"] * 1e3, q3_ms=t["q3_s"] / row["k"] * 1e3,
-                   gflops=flops / t["median_s"] / 1e9, rounds=t["rounds"],
-                   gradients=per_vector / grad_time)
+    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds)
     for row in rows:
-        ours = next(r for r in rows if r["product"] == row["product"] and r["k"] == row["k"]
-                    and r["method"] == "pyflat")
-        row["pyflat_speedup"] = row["ms_per_product"] / ours["ms_per_product"]
-    return {"model": name, "title": title, "widths": widths, "batch": batch, "params": P,
+        flops = product_flops(widths, batch, row["product"] == "hessian")
+        row["gflops"] = flops / (row["ms_per_product"] / 1e3) / 1e9
+    return {"model": name, "title": title, "widths": widths, "batch": batch,
+            "params": sum(p.numel() for p in model.parameters()),
             "gradient_ms": grad_time * 1e3, "rows": rows}
-
-
-def _gradient_time(model, data, min_seconds):
-    X, y = data
-    params = list(model.parameters())
-
-    def gradient():
-        torch.autograd.grad(nn.functional.cross_entropy(model(X), y), params)
-
-    return time_interleaved({"g": gradient}, min_seconds=min_seconds / 2)["g"]["median_s"]
-
-
-def targets_report(results: list[dict], k: int) -> list[dict]:
-    report = []
-    for (product, kk, baseline), per_model in TARGETS.items():
-        kk = k if kk == "k" else kk
-        for res in results:
-            if res["model"] not in per_model:
-                continue
-            row = next(r for r in res["rows"] if r["product"] == product and r["k"] == kk
-                       and r["method"] == baseline)
-            report.append({"model": res["model"], "product": product, "k": kk,
-                           "baseline": baseline, "speedup": row["pyflat_speedup"],
-                           "target": per_model[res["model"]],
-                           "met": row["pyflat_speedup"] >= per_model[res["model"]]})
-    return report
 
 
 def markdown(results: list[dict], report: list[dict], info: dict, ceiling: float) -> str:
@@ -159,11 +105,7 @@ def markdown(results: list[dict], report: list[dict], info: dict, ceiling: float
                          f"| {r['products_per_s']:.0f} | {r['pyflat_speedup']:.2f}x | "
                          f"{r['gradients']:.2f} | {r['gflops']:.1f} | {r['rel_error']:.1e} |")
         lines.append("")
-    lines += ["## Targets", "", "| model | product | k | against | speed-up | target | |",
-              "|---|---|---|---|---|---|---|"]
-    for t in report:
-        lines.append(f"| {t['model']} | {t['product']} | {t['k']} | {t['baseline']} | "
-                     f"{t['speedup']:.2f}x | {t['target']}x | {'met' if t['met'] else 'MISSED'} |")
+    lines += targets_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -187,7 +129,7 @@ def main(argv=None) -> int:
     for name in args.models:
         print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
         results.append(bench_model(name, args.batch, args.k, args.seconds))
-    report = targets_report(results, args.k)
+    report = targets_report(results, TARGETS, args.k)
     text = markdown(results, report, info, ceiling)
     write_results(args.out, "products", text, {"machine": info, "matmul_gflops": ceiling,
                                                 "results": results, "targets": report})

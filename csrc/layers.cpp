@@ -143,7 +143,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy(
   TORCH_CHECK(lo >= 0 && hi < C, op, ": target must hold class indices in [0, ", C,
               "); got values from ", lo, " to ", hi);
   const c10::OptionalDeviceGuard device_guard(logits_arg.device());
-  const at::Tensor logits = logits_arg.contiguous();
+  return cross_entropy_terms(logits_arg.contiguous(), labels, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_terms(const at::Tensor& logits,
+                                                                   const at::Tensor& labels,
+                                                                   double scale) {
+  const int64_t B = logits.size(0), C = logits.size(1);
   at::Tensor probs = at::empty_like(logits);
   at::Tensor grad = at::empty_like(logits);
   at::Tensor row_loss = at::empty({B}, logits.options().dtype(at::kDouble));

@@ -30,6 +30,12 @@ void activation_delta_(at::Tensor& delta, const std::optional<at::Tensor>& first
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy(
     const at::Tensor& logits, const at::Tensor& target, const std::string& reduction);
 
+// The same on checked, contiguous logits and labels, on the current device, with the
+// reduction's scale; shared with the MLP engine's prepared forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_terms(const at::Tensor& logits,
+                                                                   const at::Tensor& labels,
+                                                                   double scale);
+
 // The loss Hessian on k tangents of the logits: (B, k, C) -> (B, k, C).
 at::Tensor softmax_hessian(const at::Tensor& probs, const at::Tensor& tangent,
                            const std::string& reduction);

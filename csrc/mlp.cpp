@@ -17,6 +17,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include "glue.h"
+#include "layers.h"
 
 namespace pyflat {
 namespace {
@@ -393,22 +394,8 @@ ForwardResult mlp_forward(const at::Tensor& input_arg, const at::Tensor& target,
     a = z;
   }
 
-  at::Tensor probs = at::empty_like(a);
-  at::Tensor grad = at::empty_like(a);
-  at::Tensor row_loss = at::empty({B}, a.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyflat_softmax_cross_entropy", [&] {
-    SoftmaxCrossEntropyParams<scalar_t> p{data<scalar_t>(a), labels.data_ptr<int64_t>(),
-                                          data<scalar_t>(probs), data<scalar_t>(grad),
-                                          row_loss.data_ptr<double>(), B, net.classes,
-                                          static_cast<scalar_t>(scale)};
-    PYFLAT_LAUNCH(a, B, net.classes, p, softmax_cross_entropy);
-  });
-  // Sequential float64 sum: the same bits whatever the thread count.
-  double total = 0.0;
-  const at::Tensor row_host = row_loss.cpu();
-  const double* row = row_host.data_ptr<double>();
-  for (const auto n : c10::irange(B)) total += row[n];
-  const at::Tensor loss = at::scalar_tensor(total * scale, a.options());
+  at::Tensor loss, probs, grad;
+  std::tie(loss, probs, grad) = cross_entropy_terms(a, labels, scale);
 
   if (with_hessian_terms) {
     // Ordinary backprop on the prepared batch: e_l = s'_l * g_l and s''_l * g_l, with
