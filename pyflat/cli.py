@@ -142,7 +142,7 @@ def demo(args) -> int:
     print(f"\nwrote {out / 'demo.json'} and one spectral-density PNG per run to {out}/ "
           f"({summary['seconds']:.0f} s)")
     print("Read each table for the paper's claim: with L2, is the solution sharper (larger "
-          "spectral norm, trace, Frobenius norm) while test accuracy holds?")
+          "spectral norm, trace, Frobenius norm)? And how does its test accuracy compare?")
     return 0
 
 
