@@ -122,6 +122,7 @@ class DatasetCurvature(CurvatureOperator):
         super().__init__(first.param_shapes, first.dtype, first.device)
         self.parameters = first.parameters
         self.backend = first.backend
+        self.engine = first.engine
         self.num_samples, self.num_batches = num_samples, num_batches
         self.num_classes = first.num_classes
         self.reduction, self.weight_decay = reduction, float(weight_decay)

@@ -478,8 +478,8 @@ class _MLPCurvature(CurvatureOperator):
             distributed=distributed, process_group=process_group)
         super().__init__(dataset.param_shapes, dataset.dtype, dataset.device)
         self._dataset = dataset
-        for name in ("parameters", "backend", "num_samples", "num_batches", "num_classes",
-                     "loss", "cache_report"):
+        for name in ("parameters", "backend", "engine", "num_samples", "num_batches",
+                     "num_classes", "loss", "cache_report"):
             setattr(self, name, getattr(dataset, name))
         if check_determinism:
             self._check_determinism(caller)

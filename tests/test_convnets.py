@@ -293,7 +293,7 @@ def test_blocks_wider_than_the_memory_budget_are_split():
 def test_data_set_of_batches_through_the_graph_engine():
     model, (X, y) = build("wide-block", 10)
     op = pyflat.GGN(model, (X, y), batch_size=4)  # batches of 4, 4 and 2
-    assert op.backend == "fused"
+    assert op.backend == "fused" and op.engine == "graph"
     V = random_block(num_params(model), 2)
     assert relative_error(op @ V, reference.ggn_matmat(model, (X, y), V)) < TOL
 
