@@ -13,7 +13,8 @@ Node kinds and their rules (R = directional derivative, D = delta, e = gradient 
 
 * linear, conv:  Rz = conv(Ra, W) + conv(a, V) + c;  grad V = D * a (+ e * Ra);
   D_a = D * W (+ e * V).  Grouped convolutions order the stacked channels (group,
-  direction, channel) so that each direction stays inside its group.
+  direction, channel) so that each direction stays inside its group; 1x1 convolutions
+  without padding or groups run as batched GEMMs over the pixels they read.
 * activation:    Ra = s' Rz;  D_z = s' D (+ s'' e_a Rz).
 * max pooling:   tangents gathered at the forward's argmax, deltas routed back to it.
 * average pooling, adaptive average pooling, reshapes, identity: linear maps applied to
