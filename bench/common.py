@@ -7,6 +7,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,23 @@ def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: floa
         out[name] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2],
                      "rounds": len(ts)}
     return out
+
+
+def block(fn):
+    """torch.func's way to a block of products: vmap over the columns."""
+    from torch.func import vmap
+
+    return vmap(fn, in_dims=1, out_dims=1)
+
+
+def wrong_results(results: list[dict], tol: float) -> int:
+    """Prints every method whose result was off the float64 reference by ``tol`` or more;
+    returns the exit status (1 if any)."""
+    bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
+           for res in results for r in res["rows"] if not r["rel_error"] < tol]
+    for b in bad:
+        print(f"WRONG RESULT: {b}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: float

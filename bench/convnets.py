@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import vmap
 
 import pyflat
 from pyflat import reference
 
-from .common import (ResNet8, compare_methods, digit_images, digits_cnn, machine,
-                     random_images, targets_markdown, targets_report, write_results)
+from .common import (ResNet8, block, compare_methods, digit_images, digits_cnn, machine,
+                     random_images, targets_markdown, targets_report, write_results,
+                     wrong_results)
 
 MODELS = {
     # name: (model builder, data builder(batch), title, default batch)
@@ -39,7 +39,6 @@ CHECK_TOL = 1e-3  # float32 against the float64 reference: a broken method is of
 def methods_for(model: nn.Module, data, k: int):
     f = reference.functions(model, data)
     G, H = pyflat.GGN(model, data, backend="fused"), pyflat.Hessian(model, data, backend="fused")
-    block = lambda fn: vmap(fn, in_dims=1, out_dims=1)  # noqa: E731
     return {
         ("ggn", 1, "pyflat"): G.matvec,
         ("ggn", 1, "torch.func"): f.ggn_vp,
@@ -110,11 +109,7 @@ def main(argv=None) -> int:
     text = markdown(results, report, info)
     write_results(args.out, "convnets", text, {"machine": info, "results": results,
                                                 "targets": report})
-    bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
-           for res in results for r in res["rows"] if not r["rel_error"] < CHECK_TOL]
-    for b in bad:
-        print(f"WRONG RESULT: {b}", file=sys.stderr)
-    return 1 if bad else 0
+    return wrong_results(results, CHECK_TOL)
 
 
 if __name__ == "__main__":

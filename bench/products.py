@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import vmap
 
 import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
-from .common import (compare_methods, digits, machine, matmul_ceiling, mlp, product_flops,
-                     targets_markdown, targets_report, write_results)
+from .common import (block, compare_methods, digits, machine, matmul_ceiling, mlp,
+                     product_flops, targets_markdown, targets_report, write_results,
+                     wrong_results)
 
 MODELS = {
     "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),
@@ -43,11 +43,6 @@ TARGETS = {
     ("hessian", "k", "torch.func"): {"logreg": 1.0, "mlp256": 1.0, "mlp512": 1.0},
 }
 CHECK_TOL = 1e-3  # float32 products against the float64 reference: a broken method is off by O(1)
-
-
-def block(fn):
-    """torch.func's way to a block of products: vmap over the columns."""
-    return vmap(fn, in_dims=1, out_dims=1)
 
 
 def methods_for(model: nn.Module, data, k: int):
@@ -133,11 +128,7 @@ def main(argv=None) -> int:
     text = markdown(results, report, info, ceiling)
     write_results(args.out, "products", text, {"machine": info, "matmul_gflops": ceiling,
                                                 "results": results, "targets": report})
-    bad = [(res["model"], r["product"], r["k"], r["method"], r["rel_error"])
-           for res in results for r in res["rows"] if not r["rel_error"] < CHECK_TOL]
-    for b in bad:
-        print(f"WRONG RESULT: {b}", file=sys.stderr)
-    return 1 if bad else 0
+    return wrong_results(results, CHECK_TOL)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import vmap
 
 import pyflat
 from pyflat import reference
 
-from .common import (cuda_clock, digits_cnn, host_clock, machine, mlp, time_interleaved,
-                     write_results)
+from .common import (block, cuda_clock, digits_cnn, host_clock, machine, mlp,
+                     time_interleaved, write_results)
 
 MODELS = {
     "mlp128": ("MLP 64-128-10 (ReLU)", lambda: mlp([64, 128, 10]), "vector"),
@@ -68,7 +67,7 @@ def methods(model, data, product: str, k: int):
     op = (pyflat.GGN if product == "ggn" else pyflat.Hessian)(model, data, backend="fused")
     base = f.ggn_vp if product == "ggn" else f.hvp
     out = {"pyflat": op.matvec if k == 1 else op.matmat,
-           "torch.func": base if k == 1 else vmap(base, in_dims=1, out_dims=1)}
+           "torch.func": base if k == 1 else block(base)}
     if product == "hessian" and k == 1:
         out["double backward"] = f.hvp_double_backward_rebuilt
     other = curvlinops_product(model, data, product)

@@ -781,7 +781,7 @@ class GraphEngine:
                     m = c["module"]
                     grad_in = torch.ops.aten.max_pool2d_with_indices_backward(
                         d.reshape(B, k * C, Ho, Wo), d.new_empty((B, k * C, H, W)),
-                        _pair(m.kernel_size), _pair(m.stride if m.stride else m.kernel_size),
+                        _pair(m.kernel_size), _pair(m.stride),
                         _pair(m.padding), _pair(m.dilation), m.ceil_mode,
                         idx.unsqueeze(1).expand(B, k, C, Ho, Wo).reshape(B, k * C, Ho, Wo))
                     send(src, grad_in.view(B, k, C, H, W), False)
@@ -791,7 +791,7 @@ class GraphEngine:
                     m = c["module"]
                     grad_in = torch.ops.aten.avg_pool2d_backward(
                         d.reshape(B, k * C, *d.shape[-2:]), d.new_empty((B, k * C, H, W)),
-                        _pair(m.kernel_size), _pair(m.stride if m.stride else m.kernel_size),
+                        _pair(m.kernel_size), _pair(m.stride),
                         _pair(m.padding), m.ceil_mode, m.count_include_pad, m.divisor_override)
                     send(src, grad_in.view(B, k, C, H, W), False)
             elif node.kind == "adaptive_avgpool":
