@@ -62,10 +62,24 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and toolkit is not None
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch runs its CPU threads on OpenMP (Linux wheels).
+
+    at::parallel_for is a header template: compiled without OpenMP it runs every loop of
+    ours on one thread, whatever torch.set_num_threads says. The module then needs
+    libgomp.so.1, the runtime torch has already loaded, so both share one thread pool.
+    """
+    if sys.platform != "linux" or \
+            "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     sources = read_sources()
     cuda = want_cuda()
-    cxx = ["-O3", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    openmp = openmp_flags()
+    cxx = ["-O3", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", *openmp]
     if os.environ.get("PYFLAT_CXX_STD"):
         cxx.append(f"-std={os.environ['PYFLAT_CXX_STD']}")
     define_macros = []
@@ -73,7 +87,7 @@ def extension():
         sources = [s for s in sources if not s.startswith("cuda/")]
         paths = [str(Path("csrc") / s) for s in sources]
         return cpp_extension.CppExtension("pyflat._C", paths, extra_compile_args={"cxx": cxx},
-                                          define_macros=define_macros)
+                                          extra_link_args=openmp, define_macros=define_macros)
     toolkit = cuda_toolkit()
     os.environ["CUDA_HOME"] = toolkit
     cpp_extension.CUDA_HOME = toolkit
@@ -85,7 +99,7 @@ def extension():
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     return cpp_extension.CUDAExtension("pyflat._C", paths,
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                       define_macros=define_macros)
+                                       extra_link_args=openmp, define_macros=define_macros)
 
 
 setup(

@@ -37,3 +37,14 @@ def test_cuda_off_builds_cpu_only():
     result = run_setup(PYFLAT_CUDA="0")
     assert result.returncode == 0, result.stderr
     assert "building with CUDA" not in result.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux" or
+                    "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+                    reason="torch runs its CPU threads on OpenMP only in its Linux builds")
+def test_extension_runs_its_loops_on_torchs_openmp_threads():
+    # at::parallel_for is a header template: built without OpenMP, every CPU loop of the
+    # extension would run on one thread; with it, the module imports OpenMP's entry point
+    import pyflat._C
+
+    assert b"GOMP_parallel" in Path(pyflat._C.__file__).read_bytes()
