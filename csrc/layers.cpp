@@ -179,15 +179,19 @@ at::Tensor softmax_hessian(const at::Tensor& probs_arg, const at::Tensor& tangen
   const c10::OptionalDeviceGuard device_guard(probs_arg.device());
   const at::Tensor probs = probs_arg.contiguous();
   at::Tensor out = tangent.contiguous().clone();
-  const int64_t B = probs.size(0), k = out.size(1), C = probs.size(1);
-  if (out.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pyflat_softmax_hessian", [&] {
-      SoftmaxHessianParams<scalar_t> p{data<scalar_t>(probs), data<scalar_t>(out), B, k, C,
-                                       static_cast<scalar_t>(scale)};
-      PYFLAT_LAUNCH(out, B, k * C, p, softmax_hessian);
-    });
-  }
+  if (out.numel() > 0) apply_softmax_hessian(probs, out, scale);
   return out;
+}
+
+void apply_softmax_hessian(const at::Tensor& probs, at::Tensor& tangent, double scale) {
+  const int64_t B = probs.size(0), C = probs.size(1), k = tangent.numel() / (B * C);
+  AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_softmax_hessian", [&] {
+    SoftmaxHessianParams<scalar_t> p{data<scalar_t>(probs), data<scalar_t>(tangent), B, k, C,
+                                     static_cast<scalar_t>(scale)};
+    // a row costs about eight elementwise passes (the argmax, the dot product, the
+    // update): weighted so, a 1024 x 10 block splits over threads
+    PYFLAT_LAUNCH(tangent, B, 8 * k * C, p, softmax_hessian);
+  });
 }
 
 }  // namespace pyflat

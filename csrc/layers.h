@@ -36,6 +36,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_terms(const at::Ten
                                                                    const at::Tensor& labels,
                                                                    double scale);
 
+// The loss Hessian on (B, k, C) logit tangents, in place, for checked, contiguous
+// probabilities and tangents on the current device; shared with the MLP engine.
+void apply_softmax_hessian(const at::Tensor& probs, at::Tensor& tangent, double scale);
+
 // The loss Hessian on k tangents of the logits: (B, k, C) -> (B, k, C).
 at::Tensor softmax_hessian(const at::Tensor& probs, const at::Tensor& tangent,
                            const std::string& reduction);

@@ -120,11 +120,9 @@ void check_prepared(const char* op, const char* list_name, at::TensorList list,
   }
 }
 
-// GEMMs with a dimension of at most this many go to csrc/cpu/small_gemm_kernel.cpp.
-constexpr int64_t kSmallGemmDim = kSmallGemmPad;
-// Multiply-adds per thread chunk of a small GEMM (about 20 us of work): below this, waking
+// Multiply-adds per thread chunk of a small GEMM (about 10 us of work): below this, waking
 // a second thread costs more than it saves.
-constexpr int64_t kSmallGemmChunk = 1 << 20;
+constexpr int64_t kSmallGemmChunk = 1 << 17;
 
 bool row_major(const at::Tensor& t) { return t.is_contiguous(); }
 bool col_major(const at::Tensor& t) { return t.t().is_contiguous(); }
@@ -133,17 +131,18 @@ enum class Into { Fresh, Overwrite, Add };
 
 // a @ b into a new tensor (Fresh), over c (Overwrite) or added to c (Add); a and b are 2-D,
 // each stored row-major or as the transpose of a row-major matrix, c row-major. Shapes
-// with a small dimension in the layouts the small-GEMM loops read take those loops;
-// everything else goes to BLAS through ATen.
+// with a dimension of at most kSmallGemmMax, in the layouts the small-GEMM loops read,
+// take those loops (csrc/cpu/small_gemm_kernel.cpp); everything else goes to BLAS
+// through ATen.
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fresh,
                 at::Tensor c = at::Tensor()) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   enum class Path { Blas, SmallK, SmallN, SmallM } path = Path::Blas;
   static const bool small_supported = cpu::small_gemm_supported();
   if (small_supported && a.device().is_cpu() && (into == Into::Fresh || row_major(c))) {
-    if (k <= kSmallGemmDim && row_major(a) && row_major(b)) path = Path::SmallK;
-    else if (n <= kSmallGemmDim && row_major(a)) path = Path::SmallN;
-    else if (m <= kSmallGemmDim && col_major(a) && row_major(b)) path = Path::SmallM;
+    if (k <= kSmallGemmMax && row_major(a) && row_major(b)) path = Path::SmallK;
+    else if (n <= kSmallGemmMax && row_major(a)) path = Path::SmallN;
+    else if (m <= kSmallGemmMax && col_major(a) && row_major(b)) path = Path::SmallM;
   }
   if (path == Path::Blas) {
     if (into == Into::Fresh) return at::mm(a, b);
@@ -152,13 +151,10 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fres
   }
   if (into == Into::Fresh) c = at::empty({m, n}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "pyflat_small_gemm", [&] {
-    // small_gemm_m reads a^T row-major; small_gemm_n reads b padded to 16 columns
+    // small_gemm_m reads a^T row-major, small_gemm_n b^T row-major (for the products'
+    // b = V^T or W^T that is the tensor itself: no copy)
     const at::Tensor a_rows = path == Path::SmallM ? a.t() : a;
-    at::Tensor b_rows = b;
-    if (path == Path::SmallN) {
-      b_rows = at::zeros({k, kSmallGemmPad}, b.options());
-      b_rows.narrow(1, 0, n).copy_(b);
-    }
+    const at::Tensor b_rows = path == Path::SmallN ? b.t().contiguous() : b;
     SmallGemmParams<scalar_t> p{a_rows.data_ptr<scalar_t>(), b_rows.data_ptr<scalar_t>(),
                                 c.data_ptr<scalar_t>(), m, n, k, into == Into::Add};
     if (path == Path::SmallK) {
@@ -168,8 +164,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fres
       parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_n(p, lo, hi); },
                     kSmallGemmChunk);
     } else {
-      parallel_rows(n, m * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_m(p, lo, hi); },
-                    kSmallGemmChunk);
+      // split whole tiles of 16 columns, so that no thread is left a scalar remainder
+      const int64_t tiles = (n + 15) / 16;
+      parallel_rows(tiles, 16 * m * k, [&](int64_t lo, int64_t hi) {
+        cpu::small_gemm_m(p, lo * 16, std::min(hi * 16, n));
+      }, kSmallGemmChunk);
     }
   });
   return c;
@@ -290,11 +289,7 @@ at::Tensor curvature_matmat(const char* op, bool exact, const at::Tensor& input_
   }
 
   // Loss Hessian on the logits' tangents, in place: (B, k, C).
-  AT_DISPATCH_FLOATING_TYPES(tangent.scalar_type(), "pyflat_softmax_hessian", [&] {
-    SoftmaxHessianParams<scalar_t> p{data<scalar_t>(probs), data<scalar_t>(tangent), B, k,
-                                     net.classes, static_cast<scalar_t>(scale)};
-    PYFLAT_LAUNCH(tangent, B, k * net.classes, p, softmax_hessian);
-  });
+  apply_softmax_hessian(probs, tangent, scale);
 
   // Backward: Re_l = s'_l * Rg_l (+ s''_l g_l * Rz_l), grad V_l = Re_l^T a_{l-1}
   // (+ e_l^T Ra_{l-1}), Rg_{l-1} = Re_l W_l (+ e_l V_l).

@@ -49,9 +49,14 @@ void softmax_hessian(const SoftmaxHessianParams<T>& p, int64_t begin, int64_t en
   const int64_t C = p.classes;
   for (int64_t n = begin; n < end; ++n) {
     const T* __restrict__ probs = p.probs + n * C;
+    // the most probable class, as selects rather than branches: which class wins is
+    // random from row to row, and mispredicted branches cost more than the row's FLOPs
     int64_t m = 0;
+    T best = probs[0];
     for (int64_t c = 1; c < C; ++c) {
-      if (probs[c] > probs[m]) m = c;
+      const bool more = probs[c] > best;
+      m = more ? c : m;
+      best = more ? probs[c] : best;
     }
     for (int64_t j = 0; j < p.k; ++j) {
       T* __restrict__ u = p.u + (n * p.k + j) * C;

@@ -98,10 +98,9 @@ struct SoftmaxHessianParams {
 // c (m x n) = a-term @ b-term (+ c when accumulate), row-major, contiguous, for GEMMs
 // with one small dimension (the kernels below name which one):
 //   small_gemm_k: a (m x k), b (k x n)          c[i, j] = sum_t a[i, t] b[t, j]
-//   small_gemm_n: a (m x k), b (k x 16)         c[i, j] = sum_t a[i, t] b[t, j]
-//                 (b zero-padded to kSmallGemmPad columns, n <= kSmallGemmPad)
+//   small_gemm_n: a (m x k), b (n x k)          c[i, j] = sum_t a[i, t] b[j, t]
 //   small_gemm_m: a (k x m), b (k x n)          c[i, j] = sum_t a[t, i] b[t, j]
-constexpr int64_t kSmallGemmPad = 16;
+constexpr int64_t kSmallGemmMax = 16;  // the small dimension's bound
 
 template <typename T>
 struct SmallGemmParams {

@@ -121,12 +121,15 @@ void small_gemms(double tol) {
   std::mt19937_64 rng(11);
   std::normal_distribution<double> normal;
   const int64_t big = 37, mid = 45;
-  for (int64_t small : {1, 3, 10, 16}) {
-    for (int which = 0; which < 3; ++which) {
-      // which: 0 small k, 1 small n, 2 small m
+  for (int64_t small : {1, 3, 5, 7, 8, 10, 13, 16}) {
+    // which: 0 small k, 1 small n, 2 small m; 3 and 4 small n and m with a long k that
+    // spans several blocks of the two-level sum
+    for (int variant = 0; variant < 5; ++variant) {
+      const int which = variant >= 3 ? variant - 2 : variant;
+      const int64_t long_k = variant >= 3 ? 1100 : mid + 6;
       const int64_t m = which == 2 ? small : big;
       const int64_t n = which == 1 ? small : mid;
-      const int64_t k = which == 0 ? small : mid + 6;
+      const int64_t k = which == 0 ? small : long_k;
       std::vector<T> a(m * k), b(k * n), c0(m * n);
       for (auto& x : a) x = static_cast<T>(normal(rng));
       for (auto& x : b) x = static_cast<T>(normal(rng));
@@ -138,10 +141,9 @@ void small_gemms(double tol) {
           for (int64_t i = 0; i < m; ++i)
             for (int64_t t = 0; t < k; ++t) a_in[t * m + i] = a[i * k + t];
         }
-        if (which == 1) {  // small_gemm_n reads b padded to kSmallGemmPad columns
-          b_in.assign(k * kSmallGemmPad, T(0));
+        if (which == 1) {  // small_gemm_n reads b^T (n x k)
           for (int64_t t = 0; t < k; ++t)
-            for (int64_t j = 0; j < n; ++j) b_in[t * kSmallGemmPad + j] = b[t * n + j];
+            for (int64_t j = 0; j < n; ++j) b_in[j * k + t] = b[t * n + j];
         }
         SmallGemmParams<T> p{a_in.data(), b_in.data(), c.data(), m, n, k, accumulate};
         if (which == 0) cpu::small_gemm_k(p, 0, m);
