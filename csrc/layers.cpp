@@ -194,4 +194,24 @@ void apply_softmax_hessian(const at::Tensor& probs, at::Tensor& tangent, double 
   });
 }
 
+at::Tensor transpose(const at::Tensor& matrix) {
+  const char* op = "transpose";
+  check_floating(op, "matrix", matrix);
+  TORCH_CHECK(matrix.dim() == 2, op, ": matrix must be 2-D, got ", shape_str(matrix));
+  // the transpose of a row-major matrix is one already: a plain copy; other devices: ATen
+  if (!matrix.is_cpu() || matrix.t().is_contiguous()) {
+    return matrix.t().clone(at::MemoryFormat::Contiguous);
+  }
+  const at::Tensor in = matrix.contiguous();
+  at::Tensor out = at::empty({in.size(1), in.size(0)}, in.options());
+  const int64_t tiles = ((in.size(0) + kTransposeTile - 1) / kTransposeTile) *
+                        ((in.size(1) + kTransposeTile - 1) / kTransposeTile);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "pyflat_transpose", [&] {
+    TransposeParams<scalar_t> p{data<scalar_t>(in), data<scalar_t>(out), in.size(0), in.size(1)};
+    glue::parallel_rows(tiles, kTransposeTile * kTransposeTile,
+                        [&](int64_t lo, int64_t hi) { cpu::transpose(p, lo, hi); });
+  });
+  return out;
+}
+
 }  // namespace pyflat

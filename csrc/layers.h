@@ -44,4 +44,8 @@ void apply_softmax_hessian(const at::Tensor& probs, at::Tensor& tangent, double 
 at::Tensor softmax_hessian(const at::Tensor& probs, const at::Tensor& tangent,
                            const std::string& reduction);
 
+// matrix^T, row-major: how blocks of directions move between the (P, k) layout of the
+// operators and the (k, P) layout of the products.
+at::Tensor transpose(const at::Tensor& matrix);
+
 }  // namespace pyflat

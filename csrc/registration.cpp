@@ -49,6 +49,9 @@ TORCH_LIBRARY(pyflat, m) {
         "(Tensor, Tensor, Tensor)");
   // The loss Hessian on k tangents of the logits, (batch, k, classes).
   m.def("softmax_hessian(Tensor probs, Tensor tangent, str reduction) -> Tensor");
+
+  // matrix^T as a new row-major tensor (blocks of directions between layouts).
+  m.def("transpose(Tensor matrix) -> Tensor");
 }
 
 #define PYFLAT_IMPL_ALL(m)                                              \
@@ -59,7 +62,8 @@ TORCH_LIBRARY(pyflat, m) {
   m.impl("activation_tangent", &pyflat::activation_tangent);            \
   m.impl("activation_delta_", &pyflat::activation_delta_);              \
   m.impl("softmax_cross_entropy", &pyflat::softmax_cross_entropy);      \
-  m.impl("softmax_hessian", &pyflat::softmax_hessian)
+  m.impl("softmax_hessian", &pyflat::softmax_hessian);                  \
+  m.impl("transpose", &pyflat::transpose)
 
 TORCH_LIBRARY_IMPL(pyflat, CPU, m) { PYFLAT_IMPL_ALL(m); }
 

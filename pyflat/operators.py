@@ -554,14 +554,16 @@ class _MLPCurvature(CurvatureOperator):
             return self._reference._matmat(V)
         k = V.shape[1]
         chunk = self._directions_per_call()
-        if k <= chunk:
-            out = self._product(V.t()).t()
+        if k == 1:  # (P, 1) and (1, P) share one memory layout
+            out = self._product(V.reshape(1, -1)).reshape(-1, 1)
+        elif k <= chunk:
+            out = ops.transpose(self._product(ops.transpose(V)))
         else:
-            out = torch.cat([self._product(block.t()).t() for block in V.split(chunk, dim=1)],
-                            dim=1)
+            out = torch.cat([ops.transpose(self._product(ops.transpose(block)))
+                             for block in V.split(chunk, dim=1)], dim=1)
         if self.weight_decay:
             out = out.add(V, alpha=self.weight_decay)
-        return out.contiguous()
+        return out
 
     def _product(self, directions: torch.Tensor) -> torch.Tensor:
         """The op on a (k, P) block of directions (rows), returning (k, P)."""

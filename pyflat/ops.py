@@ -33,6 +33,7 @@ __all__ = [
     "activation_delta_",
     "softmax_cross_entropy",
     "softmax_hessian",
+    "transpose",
 ]
 
 #: Activation names the engine knows; ``activation_params`` holds two numbers per layer:
@@ -204,6 +205,18 @@ def _softmax_cross_entropy_fake(logits, target, reduction):
             torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
+def transpose(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix.t()`` as a new row-major tensor: how the operators move blocks of
+    directions between their (P, k) layout and the products' (k, P) one (on CPU a tiled
+    loop, several times faster than a strided copy for such skinny matrices)."""
+    return torch.ops.pyflat.transpose.default(matrix)
+
+
 @torch.library.register_fake("pyflat::softmax_hessian")
 def _softmax_hessian_fake(probs, tangent, reduction):
     return torch.empty_like(tangent, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("pyflat::transpose")
+def _transpose_fake(matrix):
+    return matrix.new_empty((matrix.shape[1], matrix.shape[0]))

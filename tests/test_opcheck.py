@@ -69,3 +69,48 @@ def test_fake_shapes_match_real_outputs():
             assert [t.shape for t in r] == [t.shape for t in f]
         else:
             assert r.shape == f.shape and r.dtype == f.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_layer_ops(dtype):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 3, 5, generator=gen, dtype=dtype)
+    for activation in ("relu", "tanh", "gelu", "softplus"):
+        param0, param1 = (1.5, 20.0) if activation == "softplus" else (0.0, 0.0)
+        for with_second in (False, True):
+            torch.library.opcheck(torch.ops.pyflat.activation_forward.default,
+                                  (z, activation, param0, param1, with_second))
+    _, first, second = ops.activation_forward(z, "tanh", with_second=True)
+    tangent = torch.randn(4, 2, 3, 5, generator=gen, dtype=dtype)
+    torch.library.opcheck(torch.ops.pyflat.activation_tangent.default, (first, tangent))
+    delta = torch.randn(4, 2, 3, 5, generator=gen, dtype=dtype)
+    torch.library.opcheck(torch.ops.pyflat.activation_delta_.default,
+                          (delta, first, second, tangent))
+    torch.library.opcheck(torch.ops.pyflat.activation_delta_.default, (delta, first, None, None))
+    logits = torch.randn(6, 4, generator=gen, dtype=dtype)
+    target = torch.randint(0, 4, (6,), generator=gen)
+    for reduction in ("mean", "sum"):
+        torch.library.opcheck(torch.ops.pyflat.softmax_cross_entropy.default,
+                              (logits, target, reduction))
+        _, probs, _ = ops.softmax_cross_entropy(logits, target, reduction)
+        torch.library.opcheck(torch.ops.pyflat.softmax_hessian.default,
+                              (probs, torch.randn(6, 3, 4, generator=gen, dtype=dtype), reduction))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70), (70, 3), (33, 65), (16, 1000)])
+def test_transpose_matches_aten_and_passes_opcheck(shape, dtype):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    for source in (matrix, matrix.t().contiguous().t(), matrix[:, ::1]):
+        out = ops.transpose(source)
+        assert out.is_contiguous() and torch.equal(out, matrix.t())
+        assert out.data_ptr() != source.data_ptr()  # never a view of its input
+    torch.library.opcheck(torch.ops.pyflat.transpose.default, (matrix,))
+    torch.library.opcheck(torch.ops.pyflat.transpose.default, (matrix.t().contiguous().t(),))
+
+
+def test_transpose_refuses_other_shapes_and_dtypes():
+    with pytest.raises(RuntimeError, match=r"transpose: matrix must be 2-D, got \[2, 3, 4\]"):
+        ops.transpose(torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match="transpose: matrix must be float32 or float64, got Long"):
+        ops.transpose(torch.zeros(2, 3, dtype=torch.long))

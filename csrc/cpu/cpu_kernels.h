@@ -42,5 +42,10 @@ void small_gemm_n(const SmallGemmParams<T>& p, int64_t begin, int64_t end);
 template <typename T>
 void small_gemm_m(const SmallGemmParams<T>& p, int64_t begin, int64_t end);
 
+// out = in^T (TransposeParams); the range is over tiles, numbered row-major over the
+// (rows / kTransposeTile) x (cols / kTransposeTile) grid, rounded up.
+template <typename T>
+void transpose(const TransposeParams<T>& p, int64_t begin, int64_t end);
+
 }  // namespace cpu
 }  // namespace pyflat

@@ -113,4 +113,16 @@ struct SmallGemmParams {
   bool accumulate;
 };
 
+// out (cols x rows) = in (rows x cols)^T, both row-major, in tiles of kTransposeTile^2
+// (32 float rows: 32 cache lines read and 32 written per tile).
+constexpr int64_t kTransposeTile = 32;
+
+template <typename T>
+struct TransposeParams {
+  const T* in;
+  T* out;
+  int64_t rows;
+  int64_t cols;
+};
+
 }  // namespace pyflat
