@@ -179,8 +179,8 @@ def wrong_results(results: list[dict], tol: float) -> int:
     return 1 if bad else 0
 
 
-def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: float
-                    ) -> tuple[list[dict], float]:
+def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: float,
+                    min_rounds: int = 5) -> tuple[list[dict], float]:
     """Checks every method once against the float64 reference, then times them (and a
     loss gradient) in interleaved rounds.
 
@@ -212,7 +212,8 @@ def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: 
     params = list(model.parameters())
     calls["gradient"] = lambda: torch.autograd.grad(
         nn.functional.cross_entropy(model(X), y), params)
-    timings = time_interleaved(calls, min_seconds=min_seconds)
+    timings = time_interleaved(calls, min_seconds=min_seconds, min_rounds=min_rounds,
+                               max_rounds=max(50, min_rounds))
     grad_time = timings.pop("gradient")["median_s"]
     for row, key in zip(rows, methods):
         t = timings[str(key)]

@@ -54,11 +54,13 @@ def methods_for(model: nn.Module, data, k: int):
     }
 
 
-def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
+def bench_model(name: str, batch: int, k: int, min_seconds: float,
+                min_rounds: int) -> dict:
     build, make_data, title, _ = MODELS[name]
     model = build().eval()
     data = make_data(batch)
-    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds)
+    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds,
+                                      min_rounds)
     return {"model": name, "title": title, "batch": batch,
             "params": sum(p.numel() for p in model.parameters()),
             "gradient_ms": grad_time * 1e3, "rows": rows}
@@ -93,6 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="minimum timing time per model (more rounds, less noise)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="minimum interleaved rounds (one call of every method each): "
+                             "medians of few calls move with the machine's noise")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for convnets.json and convnets.md")
     args = parser.parse_args(argv)
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
     for name in args.models:
         print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
         batch = args.batch if args.batch is not None else MODELS[name][3]
-        results.append(bench_model(name, batch, args.k, args.seconds))
+        results.append(bench_model(name, batch, args.k, args.seconds, args.rounds))
     report = targets_report(results, TARGETS, args.k)
     text = markdown(results, report, info)
     write_results(args.out, "convnets", text, {"machine": info, "results": results,

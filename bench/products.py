@@ -71,11 +71,13 @@ def methods_for(model: nn.Module, data, k: int):
     }
 
 
-def bench_model(name: str, batch: int, k: int, min_seconds: float) -> dict:
+def bench_model(name: str, batch: int, k: int, min_seconds: float,
+                min_rounds: int) -> dict:
     widths, activation, title = MODELS[name]
     model = mlp(widths, activation)
     data = digits(batch)
-    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds)
+    rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds,
+                                      min_rounds)
     for row in rows:
         flops = product_flops(widths, batch, row["product"] == "hessian")
         row["gflops"] = flops / (row["ms_per_product"] / 1e3) / 1e9
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=2.0,
                         help="minimum timing time per model (more rounds, less noise)")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="minimum interleaved rounds (one call of every method each): "
+                             "medians of few calls move with the machine's noise")
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for products.json and products.md")
     args = parser.parse_args(argv)
@@ -123,7 +128,7 @@ def main(argv=None) -> int:
     results = []
     for name in args.models:
         print(f"timing {MODELS[name][2]} ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, args.batch, args.k, args.seconds))
+        results.append(bench_model(name, args.batch, args.k, args.seconds, args.rounds))
     report = targets_report(results, TARGETS, args.k)
     text = markdown(results, report, info, ceiling)
     write_results(args.out, "products", text, {"machine": info, "matmul_gflops": ceiling,
