@@ -179,6 +179,17 @@ def wrong_results(results: list[dict], tol: float) -> int:
     return 1 if bad else 0
 
 
+def timing_arguments(parser, seconds: float, rounds: int) -> None:
+    """--threads, --seconds and --rounds, shared by the benchmarks built on
+    compare_methods."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=seconds,
+                        help="minimum timing time per model (more rounds, less noise)")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="minimum interleaved rounds (one call of every method each): "
+                             "medians of few calls move with the machine's noise")
+
+
 def compare_methods(model: nn.Module, data, methods: dict, k: int, min_seconds: float,
                     min_rounds: int = 5) -> tuple[list[dict], float]:
     """Checks every method once against the float64 reference, then times them (and a

@@ -22,8 +22,8 @@ import pyflat
 from pyflat import reference
 
 from .common import (ResNet8, block, compare_methods, digit_images, digits_cnn, machine,
-                     random_images, targets_markdown, targets_report, write_results,
-                     wrong_results)
+                     random_images, targets_markdown, targets_report, timing_arguments,
+                     write_results, wrong_results)
 
 MODELS = {
     # name: (model builder, data builder(batch), title, default batch)
@@ -92,12 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 1024 digits for the CNN, 256 for ResNet-8)")
     parser.add_argument("--k", type=int, default=4, help="directions per block")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=3.0,
-                        help="minimum timing time per model (more rounds, less noise)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="minimum interleaved rounds (one call of every method each): "
-                             "medians of few calls move with the machine's noise")
+    timing_arguments(parser, seconds=3.0, rounds=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for convnets.json and convnets.md")
     args = parser.parse_args(argv)

@@ -25,8 +25,8 @@ from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
 from .common import (block, compare_methods, digits, machine, matmul_ceiling, mlp,
-                     product_flops, targets_markdown, targets_report, write_results,
-                     wrong_results)
+                     product_flops, targets_markdown, targets_report, timing_arguments,
+                     write_results, wrong_results)
 
 MODELS = {
     "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),
@@ -111,12 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--k", type=int, default=16, help="directions per block")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=2.0,
-                        help="minimum timing time per model (more rounds, less noise)")
-    parser.add_argument("--rounds", type=int, default=15,
-                        help="minimum interleaved rounds (one call of every method each): "
-                             "medians of few calls move with the machine's noise")
+    timing_arguments(parser, seconds=2.0, rounds=15)
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for products.json and products.md")
     args = parser.parse_args(argv)

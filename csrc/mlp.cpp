@@ -164,10 +164,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, Into into = Into::Fres
       parallel_rows(m, n * k, [&](int64_t lo, int64_t hi) { cpu::small_gemm_n(p, lo, hi); },
                     kSmallGemmChunk);
     } else {
-      // split whole tiles of 16 columns, so that no thread is left a scalar remainder
-      const int64_t tiles = (n + 15) / 16;
-      parallel_rows(tiles, 16 * m * k, [&](int64_t lo, int64_t hi) {
-        cpu::small_gemm_m(p, lo * 16, std::min(hi * 16, n));
+      // split whole tiles of two float vectors, so that no thread is left a scalar remainder
+      constexpr int64_t kTile = 16;
+      const int64_t tiles = (n + kTile - 1) / kTile;
+      parallel_rows(tiles, kTile * m * k, [&](int64_t lo, int64_t hi) {
+        cpu::small_gemm_m(p, lo * kTile, std::min(hi * kTile, n));
       }, kSmallGemmChunk);
     }
   });

@@ -100,7 +100,7 @@ inline int64_t part_start(int64_t total, int64_t parts, int64_t r) {
   return r * (total / parts) + (r < total % parts ? r : total % parts);
 }
 
-// Calls fn(std::integral_constant<int, N>) for N = n in 1..12: tile sizes are template
+// Calls fn(std::integral_constant<int, N>) for N = n in 1..8: tile sizes are template
 // parameters so that accumulators live in registers.
 template <typename Fn>
 void with_constant(int64_t n, Fn&& fn) {
