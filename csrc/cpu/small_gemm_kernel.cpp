@@ -53,8 +53,9 @@ inline typename Vec<T>::type broadcast(T s) {
 }
 
 // Two-source lane shuffles with constant indices.
-#if defined(__clang__)
-#define PYFLAT_SHUFFLE(mask_type, x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+#if defined(__clang__)  // clang takes the indices as arguments; sizeof keeps the type used
+#define PYFLAT_SHUFFLE(mask_type, x, y, ...) \
+  (static_cast<void>(sizeof(mask_type)), __builtin_shufflevector(x, y, __VA_ARGS__))
 #else
 #define PYFLAT_SHUFFLE(mask_type, x, y, ...) __builtin_shuffle(x, y, mask_type{__VA_ARGS__})
 #endif
