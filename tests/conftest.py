@@ -68,6 +68,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def assert_within_float32_autograd(ours: float, autograd: float) -> None:
+    """The float32 bar for a product's relative error against float64: within 4x float32
+    autograd's own error on the same problem (floor: 8 float32 epsilons)."""
+    assert ours <= 4 * max(autograd, 8 * torch.finfo(torch.float32).eps), (ours, autograd)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.set_num_threads(2)

@@ -8,8 +8,8 @@ import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
-from conftest import (ACTIVATION_MODULES, make_batch, make_mlp, num_params, random_block,
-                      relative_error)
+from conftest import (ACTIVATION_MODULES, assert_within_float32_autograd, make_batch, make_mlp,
+                      num_params, random_block, relative_error)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -73,7 +73,7 @@ def test_float32_within_autograd_error(product, k, reduction):
     autograd = ref(model, data, Vc, reduction=reduction)
     err, err_ref = relative_error(ours.double().cpu(), exact), \
         relative_error(autograd.double().cpu(), exact)
-    assert err <= 4 * max(err_ref, 8 * torch.finfo(torch.float32).eps), (err, err_ref)
+    assert_within_float32_autograd(err, err_ref)
 
 
 def test_many_classes_and_large_batch():
@@ -146,8 +146,7 @@ def test_graph_engine_float32_within_autograd_error(name):
         exact = ref(model64, data64, V)
         autograd32 = relative_error(ref(model32, data32, V.float()).double(), exact)
         fused32 = relative_error((fused(model32, data32) @ V.float()).double(), exact)
-        assert fused32 <= 4 * max(autograd32, 8 * torch.finfo(torch.float32).eps), \
-            (fused32, autograd32)
+        assert_within_float32_autograd(fused32, autograd32)
 
 
 def test_graph_engine_is_bitwise_reproducible():

@@ -9,7 +9,8 @@ import torch
 import pyflat
 from pyflat import reference
 
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
+from conftest import (assert_within_float32_autograd, make_batch, make_mlp, num_params,
+                      random_block, relative_error)
 
 PRODUCTS = {"ggn": (pyflat.GGN, reference.ggn_matmat),
             "hessian": (pyflat.Hessian, reference.hessian_matmat)}
@@ -36,8 +37,7 @@ def _to32(model):
 def test_float32_within_autograd_error(product, activation):
     model = make_mlp([20, 64, 48, 10], activation, seed=11)
     ours, autograd = errors(model, make_batch(128, 20, 10), product)
-    eps = torch.finfo(torch.float32).eps
-    assert ours <= 4 * max(autograd, 8 * eps), (ours, autograd)
+    assert_within_float32_autograd(ours, autograd)
 
 
 @pytest.mark.parametrize("product", PRODUCTS)
