@@ -3,8 +3,9 @@
 //
 // For each activation s we need the value s(z), the first derivative s'(z) (tangents
 // forward, deltas backward) and the second derivative s''(z) (the exact Hessian's
-// curvature term). Branch conventions at kinks follow PyTorch's own kernels, so the
-// autograd reference and pyflat agree even at z = 0.
+// curvature term). At kinks each of s, s', s'' takes the branch that autograd's own
+// formula for it takes (forward kernel, backward, double backward), which need not be the
+// same branch, so the autograd reference and pyflat agree even there.
 #pragma once
 
 #include <cmath>
@@ -123,7 +124,9 @@ PYFLAT_HOST_DEVICE ActivationValue<T> activation_eval(Activation kind, T z, T pa
       break;
     }
     case Activation::Softplus: {
-      // PyTorch: linear once beta z > threshold; log1p(exp(beta z)) / beta below.
+      // PyTorch: linear once beta z > threshold; log1p(exp(beta z)) / beta below. At
+      // beta z == threshold, s and s' take the log branch but s'' is 0: autograd's
+      // softplus_double_backward masks with beta z < threshold.
       const T bz = param0 * z;
       if (bz > param1) {
         out.value = z;
@@ -132,17 +135,19 @@ PYFLAT_HOST_DEVICE ActivationValue<T> activation_eval(Activation kind, T z, T pa
         sigmoid_parts(bz, sigma, sigma_prime);
         out.value = log1p(exp(bz)) / param0;
         out.first = sigma;
-        out.second = param0 * sigma_prime;
+        out.second = bz < param1 ? param0 * sigma_prime : T(0);
       }
       break;
     }
     case Activation::ELU:
-      // PyTorch takes the exponential branch for z <= 0.
+      // PyTorch takes the exponential branch for z <= 0 in s and s' (elu_backward), but
+      // autograd's elu_double_backward masks with z < 0, so s''(0) = 0 while s'(0) = alpha.
+      // expm1 as PyTorch: alpha exp(z) - alpha cancels for small |z|.
       if (z <= T(0)) {
         const T scaled = param0 * exp(z);
-        out.value = scaled - param0;
+        out.value = param0 * expm1(z);
         out.first = scaled;
-        out.second = scaled;
+        out.second = z < T(0) ? scaled : T(0);
       }
       break;
     case Activation::SiLU: {
