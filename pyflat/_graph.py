@@ -23,7 +23,8 @@ Node kinds and their rules (R = directional derivative, D = delta, e = gradient 
   statistics; Ry = g/sd Rx + Rg xhat + Rbeta; grad Rg = D xhat (+ e Rx / sd),
   D_x = g/sd D (+ e Rg / sd).
 * add: tangents add; deltas go to both inputs (and add where a value fans out).
-* scale (x * number, x / number): tangents and deltas scaled alike.
+* affine (x + number, number - x, x * number, x / number, -x): the value is the traced
+  call itself, on the primal; tangents and deltas are scaled by its slope.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ __all__ = ["Graph", "GraphEngine", "Node", "SUPPORTED", "capture"]
 SUPPORTED = ("Linear", "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
              "BatchNorm1d", "BatchNorm2d (eval mode)", "Flatten", "Dropout (eval mode)",
              "Identity", "activations (" + ", ".join(t.__name__ for t in _ACTIVATIONS) + ")",
-             "residual additions", "products with a number",
+             "residual additions", "sums and products with a number",
              "view / reshape / flatten that keep the batch axis")
 
 _FUNCTION_ACTIVATIONS = {
@@ -81,8 +82,8 @@ class Node:
     module: Optional[nn.Module] = None
     activation: tuple[str, float, float] = ("identity", 0.0, 0.0)
     params: dict[str, nn.Parameter] = field(default_factory=dict)
-    fx_node: Optional[fx.Node] = None  # reshapes by method or function: rerun on the primal
-    factor: float = 1.0                # scale nodes: x * factor
+    fx_node: Optional[fx.Node] = None  # reshapes and affine maps: rerun on the primal
+    factor: float = 1.0                # affine nodes: the slope of the map
 
     @property
     def label(self) -> str:
@@ -146,6 +147,43 @@ def _module_node(caller: str, path: str, module: nn.Module) -> Node:
     raise _unsupported(caller, f"module {kind.__name__} at '{path}'")
 
 
+# x + c, x - c, c - x, x * c, x / c, -x with c a number: the slope of each in x
+_AFFINE = {operator.add: "+", torch.add: "+", operator.sub: "-", torch.sub: "-",
+           operator.mul: "*", torch.mul: "*", operator.truediv: "/", torch.div: "/",
+           operator.neg: "neg", torch.neg: "neg"}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _affine_node(caller: str, n: fx.Node, index: dict) -> Node:
+    """An affine map of one tensor by a number; its value is the traced call itself, so
+    a constant is never dropped and rounding is the model's."""
+    op = _AFFINE[n.target]
+    where = f"{getattr(n.target, '__name__', n.target)} '{n.name}'"
+    tensors = [i for i, a in enumerate(n.args) if isinstance(a, fx.Node) and a in index]
+    numbers = [a for a in n.args if _is_number(a)]
+    if op == "neg":
+        ok, slope = len(n.args) == 1 and tensors == [0] and not n.kwargs, -1.0
+    else:
+        ok = len(n.args) == 2 and len(tensors) == 1 and len(numbers) == 1 and not n.kwargs
+        number = numbers[0] if numbers else 0.0
+        first = tensors == [0]
+        if op == "+":
+            slope = 1.0
+        elif op == "-":
+            slope = 1.0 if first else -1.0
+        elif op == "*":
+            slope = float(number)
+        else:  # number / x is not affine
+            ok, slope = ok and first and number != 0, 1.0 / number if number else 0.0
+    if not ok:
+        raise _unsupported(caller, where, "only a tensor of the model and one number "
+                           "(x + c, c - x, x * c, x / c, -x); tensors add as a + b")
+    return Node("affine", where, inputs=[index[n.args[tensors[0]]]], factor=slope, fx_node=n)
+
+
 def capture(model: nn.Module, caller: str) -> Graph:
     """Traces ``model`` with torch.fx into engine nodes, or raises TypeError naming the
     module or function the engine cannot take."""
@@ -179,29 +217,13 @@ def capture(model: nn.Module, caller: str) -> Graph:
             if len(n.args) != 1 or n.kwargs:
                 raise _unsupported(caller, f"call of module at '{n.target}'",
                                    "modules must be called on one tensor")
-        elif n.op == "call_function" and n.target in (operator.add, torch.add):
-            where = f"addition '{n.name}'"
-            if n.kwargs or len(n.args) != 2:
-                raise _unsupported(caller, where, "only a + b without alpha")
-            tensors = [a for a in n.args if isinstance(a, fx.Node) and a in index]
-            if len(tensors) == 2:
-                node = Node("add", where, inputs=[index[a] for a in tensors])
-            elif len(tensors) == 1 and isinstance([a for a in n.args if a not in tensors][0],
-                                                  (int, float)):
-                node = Node("identity", where, inputs=[index[tensors[0]]])  # x + constant
-            else:
-                raise _unsupported(caller, where, "both terms must be tensors of the model, "
-                                   "or one a number")
-        elif n.op == "call_function" and n.target in (operator.mul, torch.mul, operator.truediv):
-            where = f"{n.target.__name__} '{n.name}'"
-            a, b = (n.args + (None,))[:2] if len(n.args) == 2 else (None, None)
-            if n.target is not operator.truediv and isinstance(a, (int, float)):
-                a, b = b, a
-            if n.kwargs or not isinstance(b, (int, float)) or isinstance(b, bool) or \
-                    not isinstance(a, fx.Node) or a not in index:
-                raise _unsupported(caller, where, "only a tensor times or over a number")
-            factor = 1.0 / b if n.target is operator.truediv else float(b)
-            node = Node("scale", where, inputs=[index[a]], factor=factor)
+        elif n.op == "call_function" and n.target in (operator.add, torch.add) and \
+                len(n.args) == 2 and all(isinstance(a, fx.Node) and a in index for a in n.args):
+            if n.kwargs:
+                raise _unsupported(caller, f"addition '{n.name}'", "only a + b without alpha")
+            node = Node("add", f"addition '{n.name}'", inputs=[index[a] for a in n.args])
+        elif n.op == "call_function" and n.target in _AFFINE:
+            node = _affine_node(caller, n, index)
         elif n.op == "call_function" and n.target in _FUNCTION_ACTIVATIONS:
             act = _FUNCTION_ACTIVATIONS[n.target](n.args[1:], n.kwargs)
             node = Node("activation", f"function {n.target.__name__} '{n.name}'",
@@ -501,8 +523,8 @@ class GraphEngine:
             return values[node.inputs[0]] + values[node.inputs[1]]
         if node.kind == "identity":
             return x
-        if node.kind == "scale":
-            return x * node.factor
+        if node.kind == "affine":  # the model's own call: x + c, x / c, ...
+            return _run_fx_node(node.fx_node, env)
         raise AssertionError(node.kind)
 
     def prepared_bytes(self) -> int:
@@ -632,8 +654,11 @@ class GraphEngine:
                     T[i] = T[a] + T[b]
             elif node.kind == "identity":
                 T[i], fresh[i] = t, False
-            elif node.kind == "scale":
-                T[i] = t.mul_(node.factor) if in_place else t * node.factor
+            elif node.kind == "affine":
+                if node.factor == 1.0:
+                    T[i], fresh[i] = t, False
+                else:
+                    T[i] = t.mul_(node.factor) if in_place else t * node.factor
             if T[i] is not None and not T[i].is_contiguous():
                 T[i], fresh[i] = T[i].contiguous(), True
             for j in node.inputs:  # free what no later node reads
@@ -829,8 +854,10 @@ class GraphEngine:
             elif node.kind == "identity":
                 if needs_input:
                     send(src, d, shared[i])
-            elif node.kind == "scale":
-                if needs_input:
+            elif node.kind == "affine":
+                if needs_input and node.factor == 1.0:
+                    send(src, d, shared[i])
+                elif needs_input:
                     send(src, d * node.factor, False)
             if out is not None:
                 D[i] = None  # free as we go; the prepare pass keeps them all

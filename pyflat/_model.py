@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["MLPSpec", "parse_mlp", "SUPPORTED_MODULES"]
+__all__ = ["MLPSpec", "check_plain_modules", "parse_mlp", "SUPPORTED_MODULES"]
 
 # module type -> (engine name, param0, param1) read from the module
 _ACTIVATIONS: dict[type, Callable[[nn.Module], tuple[str, float, float]]] = {
@@ -68,14 +68,56 @@ def _unsupported(caller: str, path: str, module: nn.Module, why: str = "") -> Ty
                      f"{reason}")
 
 
-def _leaves(module: nn.Module, path: str):
+def check_plain_modules(model: nn.Module, caller: str) -> None:
+    """Refuses, with a TypeError naming the module, what makes ``model(X)`` compute more
+    than its modules' own rules: forward hooks and pre-hooks (on any module, or the global
+    ones of ``torch.nn.modules.module``), parametrized tensors, and a ``forward`` or
+    ``__call__`` replaced on an instance. The fused engines read the modules, not the
+    call, so they would compute another function; the reference backend runs the call.
+    """
+    hooks = torch.nn.modules.module
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+        if getattr(hooks, name, None):
+            kind = "pre-hook" if "pre" in name else "hook"
+            raise TypeError(f"{caller}: a global forward {kind} is registered "
+                            f"(torch.nn.modules.module.register_module_forward_{kind.replace('-', '_')}"
+                            "); it changes every module's output, and the fused engines read "
+                            "the modules' rules, not the hooked calls")
+    for path, module in model.named_modules():
+        where = f"{type(module).__name__} at '{path or '<model>'}'"
+        if module._forward_hooks or module._forward_pre_hooks:
+            kind = "forward hook" if module._forward_hooks else "forward pre-hook"
+            raise TypeError(f"{caller}: {where} has a {kind}; the fused engines compute the "
+                            "module's own rule and would not run it")
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            names = ", ".join(module.parametrizations.keys())
+            raise TypeError(f"{caller}: {where} has parametrized tensors ({names}, "
+                            "torch.nn.utils.parametrize); the fused engines take plain "
+                            "parameters")
+        for attribute in ("forward", "__call__"):
+            if attribute in vars(module):
+                raise TypeError(f"{caller}: {where} has its {attribute} replaced on the "
+                                "instance; the fused engines compute the module's own rule")
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """Whether a container overrides the chain that nn.Sequential.forward runs."""
+    return type(module).forward is not nn.Sequential.forward or \
+        type(module).__call__ is not nn.Module.__call__
+
+
+def _leaves(module: nn.Module, path: str, caller: str):
     if isinstance(module, nn.Sequential):
+        if _own_forward(module):
+            raise _unsupported(caller, path or "<model>", module,
+                               "it is an nn.Sequential with its own forward(), which the MLP "
+                               "engine cannot read as a chain of layers")
         # _modules, not named_children(): the latter skips a module that appears twice,
         # and a reused activation (act = nn.ReLU() in two places) runs twice.
         for name, child in module._modules.items():
             if child is None:
                 continue
-            yield from _leaves(child, f"{path}.{name}" if path else name)
+            yield from _leaves(child, f"{path}.{name}" if path else name, caller)
     else:
         yield path or "<model>", module
 
@@ -98,7 +140,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
                            + ", ".join(SUPPORTED_MODULES))
     spec = MLPSpec()
     activation_after: Optional[str] = None  # path of the activation following the last Linear
-    for path, module in _leaves(model, ""):
+    for path, module in _leaves(model, "", caller):
         kind = type(module)
         if kind is nn.Linear:
             spec.weights.append(module.weight.detach())

@@ -215,7 +215,9 @@ class _Moved:
 
     def __iter__(self):
         for X, y in self.batches:
-            yield X.to(self.device, self.dtype), y.to(self.device)
+            # token ids stay integers; inputs take the model's dtype
+            X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
+            yield X, y.to(self.device)
 
 
 def sharpness_command(args) -> int:
@@ -241,7 +243,13 @@ def sharpness_command(args) -> int:
     model = model.to(device=device, dtype=dtype).eval()
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data):
-        data = (data[0].to(device, dtype), data[1].to(device))
+        X = data[0].to(device, dtype) if data[0].is_floating_point() else data[0].to(device)
+        data = (X, data[1].to(device))
+    elif hasattr(data, "__next__"):
+        # products read the batches many times; an iterator would be empty after the first
+        raise UsageError(f"--entry: {args.entry} returned an iterator or generator of batches, "
+                         "which can be read only once; return a list of batches or a "
+                         "DataLoader")
     else:
         data = _Moved(data, device, dtype)
     try:

@@ -60,6 +60,22 @@ def batches_of(data, batch_size: Optional[int], caller: str) -> Callable[[], Ite
     return lambda: iter(data)
 
 
+def _fingerprint(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What identifies the samples of a batch at the cost of a few reductions: pairs
+    (value, magnitude) in float64 of the sample count, the sums of X and X^2, of y and
+    y^2, and of y times each sample's sum of X (which ties labels to inputs). Sums over
+    a pass do not depend on the order of samples or batches, beyond rounding."""
+    with torch.no_grad():
+        x = X.detach().reshape(X.shape[0], -1).double()
+        labels = y.detach().reshape(-1).double()
+        rows, rows_abs, squares = x.sum(1), x.abs().sum(1), x.square().sum()
+        count = torch.tensor(float(X.shape[0]), dtype=torch.float64, device=x.device)
+        pairs = [(count, count), (rows.sum(), rows_abs.sum()), (squares, squares),
+                 (labels.sum(), labels.abs().sum()), (labels.square().sum(),) * 2,
+                 ((labels * rows).sum(), (labels.abs() * rows_abs).sum())]
+        return torch.stack([t for pair in pairs for t in pair]).cpu()
+
+
 def _describe(data) -> str:
     if isinstance(data, (tuple, list)):
         return f"({', '.join(type(t).__name__ for t in data)})"
@@ -93,9 +109,12 @@ class DatasetCurvature(CurvatureOperator):
         held = 0
         num_samples, num_batches, loss_sum = 0, 0, 0.0
         first = None
+        #: per batch, what a later pass must yield again (see _fingerprint)
+        self._fingerprints: list[torch.Tensor] = []
         for X, y in self._iterate():
             op = self._make(X, y)
             first = first or op
+            self._fingerprints.append(_fingerprint(X, y))
             num_batches += 1
             num_samples += op.num_samples
             loss_sum += op.loss
@@ -148,14 +167,42 @@ class DatasetCurvature(CurvatureOperator):
                 X = X.to(self._device)
             yield X, y.to(self._device)
 
+    def _check_same_samples(self, seen: torch.Tensor) -> None:
+        """The batches read again must hold the samples read at construction in their
+        places (a shuffle among them changes only rounding, so sums are compared with a
+        relative tolerance): the products would otherwise sum another data set."""
+        expected = torch.stack(self._fingerprints[len(self._cached):]).sum(0)
+        value, magnitude = expected[0::2], expected[1::2]
+        if not bool(((seen[0::2] - value).abs() <= 1e-9 * magnitude).all()):
+            raise ValueError(f"{self._caller}: the batches read again differ from those read at "
+                             "construction (other samples, inputs or labels); batches past the "
+                             "cache budget are read again for every product, so the data must "
+                             "yield the same samples every pass (no random augmentation, and no "
+                             "shuffle unless nothing is cached), or raise cache_bytes to keep "
+                             "them all")
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(V)
         for op in self._cached:
             out.add_(op._matmat(V))
         if len(self._cached) < self.num_batches:
+            count, seen = 0, None
             for index, (X, y) in enumerate(self._iterate()):
+                count += 1
+                if index >= self.num_batches:
+                    break
                 if index >= len(self._cached):
+                    batch = _fingerprint(X, y)
+                    seen = batch if seen is None else seen + batch
                     out.add_(self._make(X, y)._matmat(V))
+            if count != self.num_batches:
+                raise ValueError(
+                    f"{self._caller}: the data yielded {'more than ' if count > self.num_batches else ''}"
+                    f"{count} batches on this pass and {self.num_batches} at construction; "
+                    "batches past the cache budget are read again for every product, so the "
+                    "data must yield the same batches every pass (a DataLoader or a list, not "
+                    "a one-shot generator), or raise cache_bytes to keep them all")
+            self._check_same_samples(seen)
         if self._distributed:
             import torch.distributed as dist
 

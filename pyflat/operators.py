@@ -14,10 +14,11 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._model import MLPSpec, parse_mlp
+from ._model import MLPSpec, check_plain_modules, parse_mlp
 from .precision import full_precision
 
 __all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
@@ -258,9 +259,11 @@ class Restricted(CurvatureOperator):
 
 
 def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: Optional[int],
-                caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+                caller: str, allow_integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates a batch ``(X, y)`` for a model of the given dtype, device and classes
-    (the label range is checked when ``num_classes`` is given)."""
+    (the label range is checked when ``num_classes`` is given). ``allow_integer`` admits
+    an integer X (token ids), which has no tangent; a float X must have the model's
+    dtype either way."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, got "
                         f"{type(data).__name__}")
@@ -268,8 +271,11 @@ def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: Opt
     if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"{caller}: data must be a pair (X, y) of tensors, got "
                         f"({type(X).__name__}, {type(y).__name__})")
-    if X.dtype != dtype:
-        raise TypeError(f"{caller}: X must have the model's dtype {dtype}, got {X.dtype}")
+    integer = not (X.dtype.is_floating_point or X.dtype.is_complex or X.dtype == torch.bool)
+    if X.dtype != dtype and not (integer and allow_integer):
+        hint = (" (integer inputs such as token ids run through backend='reference')"
+                if integer else "")
+        raise TypeError(f"{caller}: X must have the model's dtype {dtype}, got {X.dtype}{hint}")
     if X.device != device or y.device != device:
         raise ValueError(f"{caller}: X and y must be on the model's device {device}, got "
                          f"{X.device} and {y.device}")
@@ -297,7 +303,9 @@ def check_labels(y: torch.Tensor, num_classes: int, caller: str) -> None:
 
 
 def _model_dtype_device(parameters: Sequence[torch.Tensor], paths: Sequence[str],
-                        caller: str) -> tuple[torch.dtype, torch.device]:
+                        caller: str, kernels: bool = True) -> tuple[torch.dtype, torch.device]:
+    """The model's one dtype (float32 or float64) and device, its parameters finite;
+    with ``kernels``, pyflat's ops must exist for that device (the fused engines)."""
     dtypes = {p.dtype for p in parameters}
     devices = {p.device for p in parameters}
     if len(dtypes) != 1 or len(devices) != 1:
@@ -306,8 +314,8 @@ def _model_dtype_device(parameters: Sequence[torch.Tensor], paths: Sequence[str]
     dtype, device = dtypes.pop(), devices.pop()
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{caller}: the model must be float32 or float64, got {dtype}")
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("pyflat::mlp_forward",
-                                                           device.type.upper()):
+    if kernels and not torch._C._dispatch_has_kernel_for_dispatch_key("pyflat::mlp_forward",
+                                                                       device.type.upper()):
         raise ValueError(f"{caller}: this build of pyflat has no kernels for {device.type} "
                          f"devices; the model is on {device}")
     for p, path in zip(parameters, paths):
@@ -325,6 +333,51 @@ def _check_eval_mode(model: nn.Module, caller: str) -> None:
             raise ValueError(f"{caller}: {type(module).__name__} at '{path or '<model>'}' is in "
                              "training mode; curvature is measured in eval mode: call "
                              "model.eval() first")
+
+
+def _check_model_state(model: nn.Module, caller: str) -> None:
+    """BatchNorm's running statistics define the eval-mode function: a NaN, an infinity
+    or a negative variance makes model(X) meaningless, so it is refused by every backend."""
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or \
+                module.running_mean is None:
+            continue
+        where = f"{type(module).__name__} at '{path or '<model>'}'"
+        for name in ("running_mean", "running_var"):
+            stat = getattr(module, name)
+            if not bool(torch.isfinite(stat).all()):
+                raise ValueError(f"{caller}: {where} has {name} with NaN or inf entries")
+        if bool((module.running_var < 0).any()):
+            raise ValueError(f"{caller}: {where} has running_var with negative entries "
+                             f"(min {float(module.running_var.min()):.3g}); a variance is >= 0")
+
+
+def _forward_tolerance(dtype: torch.dtype) -> float:
+    """How far an engine's logits may sit from model(X), relative to their largest
+    magnitude: a few dozen rounding errors of the dtype (measured engine-vs-module gaps
+    are 0-6 ulps on deep MLPs), far below any dropped constant or skipped hook."""
+    return 64 * torch.finfo(dtype).eps
+
+
+def _check_reproduces(model: nn.Module, X: torch.Tensor, logits: torch.Tensor, caller: str,
+                      what: str) -> None:
+    """The fused engines' second line of defence, after the structural checks: the
+    prepared logits must be model(X). NaN-aware: a non-finite output is refused outright."""
+    with torch.no_grad(), full_precision(X.device):
+        expected = model(X)
+    if not isinstance(expected, torch.Tensor) or expected.shape != logits.shape:
+        got = tuple(expected.shape) if isinstance(expected, torch.Tensor) else \
+            type(expected).__name__
+        raise TypeError(f"{caller}: the {what} gives logits of shape {tuple(logits.shape)}, "
+                        f"model(X) gives {got}")
+    if not bool(torch.isfinite(expected).all()):
+        raise ValueError(f"{caller}: model(X) is not finite (NaN or inf in the logits); "
+                         "check the weights, the inputs and BatchNorm's running statistics")
+    scale = float(expected.abs().max()) or 1.0
+    gap = float((expected - logits.to(expected.dtype)).abs().max())
+    if not gap <= _forward_tolerance(expected.dtype) * scale:
+        raise TypeError(f"{caller}: the {what} does not reproduce model(X) (relative gap "
+                        f"{gap / scale:.1e}): the forward does something the engine cannot see")
 
 
 def _parameter_paths(spec: MLPSpec) -> list[str]:
@@ -366,19 +419,15 @@ class _MLPCurvature(CurvatureOperator):
             self._init_dataset(model, data, backend, batch_size, cache_bytes,
                                check_determinism, caller, distributed, process_group)
             return
+        named = list(model.named_parameters())
+        if named:  # the same for every backend: not a reason to fall back
+            _model_dtype_device([p for _, p in named], [n for n, _ in named], caller,
+                                kernels=False)
         _check_eval_mode(model, caller)
+        _check_model_state(model, caller)
         if backend != "reference":
-            # the MLP engine (one op per product) where the model is a chain of Linear
-            # layers; else the graph engine (convnets, residual networks)
             try:
-                spec = parse_mlp(model, caller)
-            except TypeError:
-                spec = None
-            if spec is not None:
-                self._init_mlp(spec, data, caller)
-                return
-            try:
-                self._init_graph(model, data, caller)
+                self._init_fused(model, data, caller)
                 return
             except TypeError as err:
                 if backend == "fused":
@@ -388,7 +437,21 @@ class _MLPCurvature(CurvatureOperator):
                               "warning, backend='fused' makes this an error.", stacklevel=3)
         self._init_reference(model, data, caller)
 
-    def _init_mlp(self, spec: MLPSpec, data, caller: str) -> None:
+    def _init_fused(self, model: nn.Module, data, caller: str) -> None:
+        """The MLP engine (one op per product) where the model is a chain of Linear
+        layers; else the graph engine (convnets, residual networks). A TypeError says
+        the fused engines cannot compute this model's own function."""
+        check_plain_modules(model, caller)
+        try:
+            spec = parse_mlp(model, caller)
+        except TypeError:
+            spec = None
+        if spec is not None:
+            self._init_mlp(model, spec, data, caller)
+        else:
+            self._init_graph(model, data, caller)
+
+    def _init_mlp(self, model: nn.Module, spec: MLPSpec, data, caller: str) -> None:
         """The MLP engine: one fused op per product."""
         #: which engine computes the products: "fused" or "reference" (autograd)
         self.backend = "fused"
@@ -396,6 +459,7 @@ class _MLPCurvature(CurvatureOperator):
         self.engine = "mlp"
         dtype, device = _model_dtype_device(spec.parameters, _parameter_paths(spec), caller)
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
+        inputs = X
         X = spec.transform_input(X)
         if X.dim() != 2 or X.shape[1] != spec.in_features:
             raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
@@ -407,11 +471,18 @@ class _MLPCurvature(CurvatureOperator):
         self._weights = [w.clone() for w in spec.weights]
         self._biases = [None if b is None else b.clone() for b in spec.biases]
         self._activations = list(spec.activations)
-        self._input = X.contiguous()
+        # a copy, not a view: writes to X after construction (in place, through numpy or
+        # DLPack, which bump no version counter) must not reach the products
+        self._input = X.clone(memory_format=torch.contiguous_format)
         with full_precision(device):
             self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
                                              self._activations, spec.activation_params,
                                              self.reduction, with_hessian_terms=self._exact)
+            last = self._prepared.hidden[-1] if self._prepared.hidden else self._input
+            logits = F.linear(last, self._weights[-1], self._biases[-1])
+            if spec.activation_modules[-1] is not None:
+                logits = spec.activation_modules[-1](logits)
+        _check_reproduces(model, inputs, logits, caller, "MLP engine's forward")
         self.num_samples = X.shape[0]
         self.num_classes = spec.num_classes
         #: the cross-entropy (without the L2 term) at the prepared batch
@@ -432,20 +503,13 @@ class _MLPCurvature(CurvatureOperator):
         paths = [name for name, _ in model.named_parameters()]
         dtype, device = _model_dtype_device(graph.parameters, paths, caller)
         X, y = check_batch(data, dtype, device, None, caller)
+        # a copy, not a view: the prepared forward keeps the input of the first layer
+        X = X.clone()
         with full_precision(device):
             engine = GraphEngine(graph, X, self.reduction, self._exact, caller)
             check_labels(y, engine.num_classes, caller)
             engine.prepare_loss(y)
-            with torch.no_grad():
-                expected = model(X)
-        # the captured graph must compute the model: a forward that does more than the
-        # trace saw (hooks, state) would otherwise give products of another function
-        scale = float(expected.abs().max()) or 1.0
-        tol = 1e-4 if dtype == torch.float32 else 1e-10
-        if expected.shape != engine.logits.shape or \
-                float((expected - engine.logits).abs().max()) > tol * scale:
-            raise TypeError(f"{caller}: the graph captured from {type(model).__name__} does not "
-                            "reproduce model(X) (forward hooks, or state the trace cannot see?)")
+        _check_reproduces(model, X, engine.logits, caller, "graph captured by torch.fx")
         self.backend, self.engine = "fused", "graph"
         super().__init__([p.shape for p in graph.parameters], dtype, device)
         self.parameters = list(graph.parameters)
@@ -500,7 +564,7 @@ class _MLPCurvature(CurvatureOperator):
 
     def _init_reference(self, model: nn.Module, data, caller: str) -> None:
         """Any model: products by torch.func on the model's own forward."""
-        from .reference import ReferenceGGN, ReferenceHessian
+        from .reference import ReferenceGGN, ReferenceHessian, autograd_friendly_attention
 
         params = list(model.parameters())
         if not params:
@@ -511,12 +575,14 @@ class _MLPCurvature(CurvatureOperator):
                             f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}")
         dtype, device = dtypes.pop(), devices.pop()
         _check_eval_mode(model, caller)
-        X, y = check_batch(data, dtype, device, None, caller)
-        with torch.no_grad():
+        X, y = check_batch(data, dtype, device, None, caller, allow_integer=True)
+        with torch.no_grad(), autograd_friendly_attention():
             logits = model(X)
         if logits.dim() != 2 or logits.shape[0] != X.shape[0]:
+            tokens = ("; token-level losses (one prediction per position) are not supported "
+                      "yet" if logits.dim() > 2 else "")
             raise ValueError(f"{caller}: the model must map X to logits of shape "
-                             f"({X.shape[0]}, classes), got {tuple(logits.shape)}")
+                             f"({X.shape[0]}, classes), got {tuple(logits.shape)}{tokens}")
         check_labels(y, logits.shape[1], caller)
         super().__init__([p.shape for p in params], dtype, device)
         self.backend = "reference"

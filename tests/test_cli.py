@@ -23,6 +23,10 @@ def loader():
     model, (X, y) = build()
     return model, [(X[:5], y[:5]), (X[5:], y[5:])]
 
+def generator():
+    model, (X, y) = build()
+    return model, ((X[i:i + 4], y[i:i + 4]) for i in range(0, 12, 4))
+
 def not_a_pair():
     return 3
 '''
@@ -86,6 +90,7 @@ def test_sharpness_command_prints_and_writes_json(entry, tmp_path, capsys):
     (["--entry", "{entry}:missing"], "has no function 'missing'"),
     (["--entry", "{entry}:not_a_pair"], "must return \\(model, data\\)"),
     (["--entry", "{entry}:build", "--checkpoint", "nope.pt"], "--checkpoint: no such file"),
+    (["--entry", "{entry}:generator"], "can be read only once.*list of batches"),
 ])
 def test_errors_are_one_line_and_exit_2(entry, args, message, capsys):
     args = [a.replace("{entry}", str(entry)) for a in args]

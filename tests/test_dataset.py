@@ -73,15 +73,18 @@ class NoisyBatches:
         yield self.X + noise, self.y
 
 
-def test_a_changing_data_source_fails_the_determinism_check(setup):
+def test_a_changing_data_source_is_refused(setup):
     model, X, y = setup
     # cached batches are reused as prepared; batches prepared again each product must be
-    # the same batches, which a freshly augmenting source is not
-    with pytest.raises(ValueError, match=r"two products on the same vector differ .* same "
-                                         r"order every pass"):
+    # the same samples, which a freshly augmenting source is not: refused at construction
+    # (the determinism check) and, without it, at the first product
+    with pytest.raises(ValueError, match=r"the batches read again differ from those read "
+                                         r"at construction"):
         pyflat.GGN(model, NoisyBatches(X, y), cache_bytes=1)
-    assert pyflat.GGN(model, NoisyBatches(X, y), cache_bytes=1,
-                      check_determinism=False).num_batches == 1
+    op = pyflat.GGN(model, NoisyBatches(X, y), cache_bytes=1, check_determinism=False)
+    assert op.num_batches == 1
+    with pytest.raises(ValueError, match="no random augmentation"):
+        op @ torch.ones(op.shape[0], dtype=op.dtype)
 
 
 def test_a_shuffling_loader_passes_over_the_whole_data_set(setup):
