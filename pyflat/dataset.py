@@ -76,6 +76,16 @@ def _fingerprint(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.stack([t for pair in pairs for t in pair]).cpu()
 
 
+def _state_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Sum and sum of squares of every parameter and buffer, in float64: any write to the
+    model's state (in place, through .data or numpy) changes it."""
+    with torch.no_grad():
+        parts = [t.detach().double() for t in (*model.parameters(), *model.buffers())
+                 if t.is_floating_point()]
+        sums = [torch.stack([t.sum(), t.square().sum()]) for t in parts]
+        return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+
+
 def _describe(data) -> str:
     if isinstance(data, (tuple, list)):
         return f"({', '.join(type(t).__name__ for t in data)})"
@@ -100,11 +110,16 @@ class DatasetCurvature(CurvatureOperator):
     def __init__(self, make_batch_operator, batches: Callable[[], Iterable], *,
                  reduction: str, weight_decay: float, cache_bytes: int,
                  device: torch.device, dtype: torch.dtype, caller: str,
-                 process_group=None, distributed: bool = False):
+                 process_group=None, distributed: bool = False,
+                 model: Optional[torch.nn.Module] = None):
         self._make = make_batch_operator
         self._batches = batches
         self._device, self._dtype = device, dtype
         self._caller = caller
+        self._model = model
+        # batches past the budget are prepared again from the live model: it must be the
+        # model as it was now, or the operator would stop being a snapshot
+        self._model_print = None if model is None else _state_fingerprint(model)
         self._cached: list[CurvatureOperator] = []
         held = 0
         num_samples, num_batches, loss_sum = 0, 0, 0.0
@@ -186,6 +201,12 @@ class DatasetCurvature(CurvatureOperator):
         for op in self._cached:
             out.add_(op._matmat(V))
         if len(self._cached) < self.num_batches:
+            if self._model is not None and not torch.equal(_state_fingerprint(self._model),
+                                                           self._model_print):
+                raise ValueError(f"{self._caller}: the model's parameters or buffers changed "
+                                 "after the operator was built; batches past the cache budget "
+                                 "are prepared again from the model, so build a new operator "
+                                 "(or raise cache_bytes to keep every batch prepared)")
             count, seen = 0, None
             for index, (X, y) in enumerate(self._iterate()):
                 count += 1

@@ -539,7 +539,7 @@ class _MLPCurvature(CurvatureOperator):
             lambda X, y: kind(model, (X, y), reduction="sum", backend=backend),
             batches, reduction=self.reduction, weight_decay=self.weight_decay,
             cache_bytes=budget, device=device, dtype=dtype, caller=caller,
-            distributed=distributed, process_group=process_group)
+            distributed=distributed, process_group=process_group, model=model)
         super().__init__(dataset.param_shapes, dataset.dtype, dataset.device)
         self._dataset = dataset
         for name in ("parameters", "backend", "engine", "num_samples", "num_batches",
@@ -578,11 +578,17 @@ class _MLPCurvature(CurvatureOperator):
         X, y = check_batch(data, dtype, device, None, caller, allow_integer=True)
         with torch.no_grad(), autograd_friendly_attention():
             logits = model(X)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"{caller}: model(X) must return a tensor of logits, got "
+                            f"{type(logits).__name__}")
         if logits.dim() != 2 or logits.shape[0] != X.shape[0]:
             tokens = ("; token-level losses (one prediction per position) are not supported "
                       "yet" if logits.dim() > 2 else "")
             raise ValueError(f"{caller}: the model must map X to logits of shape "
                              f"({X.shape[0]}, classes), got {tuple(logits.shape)}{tokens}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError(f"{caller}: model(X) is not finite (NaN or inf in the logits); "
+                             "check the weights, the inputs and BatchNorm's running statistics")
         check_labels(y, logits.shape[1], caller)
         super().__init__([p.shape for p in params], dtype, device)
         self.backend = "reference"

@@ -2,7 +2,9 @@
 
 This module is the oracle of the tests and the baseline of the benchmarks. It never
 touches the engine: it calls the model's own forward through
-``torch.func.functional_call``, so any model works here, fused engine or not.
+``torch.func.functional_call``, so any model works here, fused engine or not (attention
+runs on its math path, which forward-mode AD supports). The loss Hessian of the GGN is
+its own cancellation-free form (:func:`cross_entropy_hessian_matmat`), not autograd's.
 
 Vectors use the flat layout of the operators: the parameters of ``model.parameters()``
 flattened and concatenated (P entries); blocks are (P, k).
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .operators import CurvatureOperator
 from .precision import full_precision
@@ -25,6 +28,8 @@ __all__ = [
     "CurvatureFunctions",
     "ReferenceGGN",
     "ReferenceHessian",
+    "autograd_friendly_attention",
+    "cross_entropy_hessian_matmat",
     "functions",
     "ggn_dense",
     "ggn_matmat",
@@ -39,8 +44,8 @@ class CurvatureFunctions:
     """Autograd products for one model and batch; each maps a flat (P,) vector to (P,).
 
     Attributes:
-        ggn_vp: GGN product J^T H_loss J v as torch.func composes it: jvp of the logits,
-            the loss Hessian (jvp of the loss gradient w.r.t. the logits), vjp.
+        ggn_vp: GGN product J^T H_loss J v: jvp of the logits, the loss Hessian
+            (:func:`cross_entropy_hessian_matmat`), vjp.
         hvp: exact Hessian product, forward-over-reverse (jvp of the gradient).
         hvp_double_backward: exact Hessian product by double backward, with the graph of
             the gradient built once and kept (PyHessian's formulation).
@@ -56,10 +61,12 @@ class CurvatureFunctions:
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.numels = [p.numel() for _, p in named]
-        # a copy: like the fused operators, products describe the model as it is now
+        # copies: like the fused operators, products describe the model and the batch as
+        # they are now (BatchNorm's running statistics are buffers; X may be written to)
         self.param_tuple = tuple(p.detach().clone() for _, p in named)
         self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
-        self.model, self.X, self.y, self.reduction = model, X, y, reduction
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self.model, self.X, self.y, self.reduction = model, X.clone(), y.clone(), reduction
         self._graph = None
 
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -70,7 +77,10 @@ class CurvatureFunctions:
         return torch.cat([p.reshape(-1) for p in parts])
 
     def logits(self, *params: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, dict(zip(self.names, params)), (self.X,))
+        # every product runs the forward here; its kernels fix the derivatives used
+        with autograd_friendly_attention():
+            return functional_call(self.model, {**self.buffers, **dict(zip(self.names, params))},
+                                   (self.X,))
 
     def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, self.y, reduction=self.reduction)
@@ -80,7 +90,7 @@ class CurvatureFunctions:
 
     def ggn_vp(self, v: torch.Tensor) -> torch.Tensor:
         logits, jv = jvp(self.logits, self.param_tuple, self.unflatten(v))
-        _, hjv = jvp(grad(self.cross_entropy), (logits,), (jv,))
+        hjv = cross_entropy_hessian_matmat(logits, jv, reduction=self.reduction)
         _, vjp_fn = vjp(self.logits, *self.param_tuple)
         return self.flatten(vjp_fn(hjv))
 
@@ -109,11 +119,11 @@ class CurvatureFunctions:
 
     def linearized_ggn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """GGN product with the forward cached: ``torch.func.linearize`` for J v and one
-        vjp closure reused for J^T u; the loss Hessian likewise linearized at the logits.
-        The strongest autograd formulation of a GGN product."""
+        vjp closure reused for J^T u; the loss Hessian a closure over the probabilities
+        at the logits. The strongest autograd formulation of a GGN product."""
         with _quiet_linearize():
             logits, jvp_fn = linearize(lambda *p: self.logits(*p), *self.param_tuple)
-            _, loss_hvp = linearize(grad(self.cross_entropy), logits)
+        loss_hvp = _cross_entropy_hessian(logits.detach(), self.reduction)
         _, vjp_fn = vjp(self.logits, *self.param_tuple)
         return lambda v: self.flatten(vjp_fn(loss_hvp(jvp_fn(*self.unflatten(v)))))
 
@@ -135,6 +145,73 @@ def _quiet_linearize():
         yield
 
 
+@contextlib.contextmanager
+def autograd_friendly_attention():
+    """Attention on its math path for the duration: the fused CPU kernels (flash
+    ``scaled_dot_product_attention``, the fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer``) have no forward-mode AD. The user's settings are
+    restored on exit, exceptions included."""
+    mha = getattr(torch.backends, "mha", None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if mha is not None and hasattr(mha, "get_fastpath_enabled"):
+            stack.callback(mha.set_fastpath_enabled, mha.get_fastpath_enabled())
+            mha.set_fastpath_enabled(False)
+        yield
+
+
+def _cross_entropy_hessian(logits: torch.Tensor,
+                           reduction: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """U -> H U for the cross-entropy Hessian at ``logits``, the probabilities computed
+    once. Per sample H u = p * (u - p.u); with w = u - u_m (m the top class, w_m = 0
+    exactly) this is p * (w - p.w), where p.w sums only the small p_c of the other
+    classes: diag(p) - p p^T would subtract numbers near p_m = 1 that agree to the
+    digits of 1 - p_m."""
+    batch, classes = logits.shape
+    probs = torch.log_softmax(logits, dim=1).exp()
+    is_top = torch.arange(classes, device=logits.device) == logits.argmax(1, keepdim=True)
+
+    def product(U: torch.Tensor) -> torch.Tensor:
+        shape = (batch, classes) + (1,) * (U.dim() - 2)
+        p, top = probs.reshape(shape), is_top.reshape(shape)
+        w = U - torch.where(top, U, torch.zeros_like(U)).sum(1, keepdim=True)
+        out = p * (w - (p * w).sum(1, keepdim=True))
+        return out / batch if reduction == "mean" else out
+
+    return product
+
+
+def cross_entropy_hessian_matmat(logits: torch.Tensor, U: torch.Tensor, *,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """H_loss U: the Hessian of the cross-entropy w.r.t. the logits, diag(p) - p p^T per
+    sample (divided by the batch size for ``reduction="mean"``), times the logit
+    tangents U, in a form without catastrophic cancellation: accurate to near the
+    dtype's precision even when 1 - p_top is far below its epsilon. The labels play no
+    part.
+
+    Args:
+        logits: (B, C).
+        U: (B, C), or (B, C, k) for k tangents at once; the dtype of ``logits``.
+        reduction: "mean" or "sum".
+    """
+    where = "pyflat.reference.cross_entropy_hessian_matmat"
+    for name, t in (("logits", logits), ("U", U)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name}: expected a torch.Tensor, got {type(t).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{where}: logits: expected shape (batch, classes), got "
+                         f"{tuple(logits.shape)}")
+    if U.dim() not in (2, 3) or tuple(U.shape[:2]) != tuple(logits.shape):
+        B, C = logits.shape
+        raise ValueError(f"{where}: U: expected shape ({B}, {C}) or ({B}, {C}, k), got "
+                         f"{tuple(U.shape)}")
+    if U.dtype != logits.dtype:
+        raise TypeError(f"{where}: U: expected dtype {logits.dtype}, got {U.dtype}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"{where}: reduction: expected 'mean' or 'sum', got {reduction!r}")
+    return _cross_entropy_hessian(logits, reduction)(U)
+
+
 def functions(model: nn.Module, data, reduction: str = "mean") -> CurvatureFunctions:
     """The autograd products for ``model`` on the batch ``data = (X, y)``."""
     return CurvatureFunctions(model, data, reduction)
@@ -152,7 +229,7 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch
 def loss(model: nn.Module, data, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``model`` on ``data`` (no L2 term)."""
     X, y = data
-    with torch.no_grad():
+    with torch.no_grad(), autograd_friendly_attention():
         return F.cross_entropy(model(X), y.long(), reduction=reduction)
 
 
@@ -191,13 +268,13 @@ def hessian_dense(model: nn.Module, data, *, reduction: str = "mean",
 
 def ggn_dense(model: nn.Module, data, *, reduction: str = "mean",
               weight_decay: float = 0.0) -> torch.Tensor:
-    """The P x P GGN J^T H_loss J from the full Jacobian of the logits and the full
-    Hessian of the loss w.r.t. the logits, both by torch.func (tiny models only)."""
+    """The P x P GGN J^T H_loss J from the full Jacobian of the logits (torch.func) and
+    the loss Hessian applied to its columns (tiny models only)."""
     fns = functions(model, data, reduction)
     J = torch.func.jacrev(lambda theta: fns.logits(*fns.unflatten(theta)))(fns.params)
     logits = fns.logits(*fns.param_tuple)
-    H_loss = torch.func.hessian(fns.cross_entropy)(logits)  # (B, C, B, C)
-    G = torch.einsum("ncp,ncmd,mdq->pq", J, H_loss, J)
+    HJ = cross_entropy_hessian_matmat(logits, J, reduction=reduction)  # (B, C, P)
+    G = torch.einsum("ncp,ncq->pq", J, HJ)
     return G + weight_decay * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
 
 

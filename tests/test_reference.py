@@ -1,0 +1,218 @@
+"""The autograd oracle against a 50-digit evaluation, on confident models where the
+textbook loss Hessian diag(p) - p p^T cancels catastrophically."""
+import mpmath
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import grad, jvp, vmap
+
+from pyflat import reference
+
+from conftest import relative_error
+
+mpmath.mp.dps = 50
+
+
+def confident_logits(batch, classes, seed, low=20.0, high=40.0):
+    """(batch, classes) float64 logits whose top class leads the next by low..high, so
+    1 - p_top lies between about exp(-high) and exp(-low)."""
+    gen = torch.Generator().manual_seed(seed)
+    Z = torch.randn(batch, classes, generator=gen, dtype=torch.float64) * 3
+    top = torch.randint(0, classes, (batch,), generator=gen)
+    margins = low + (high - low) * torch.rand(batch, generator=gen, dtype=torch.float64)
+    rest = Z.masked_fill(F.one_hot(top, classes).bool(), -float("inf")).max(1).values
+    Z[torch.arange(batch), top] = rest + margins
+    return Z
+
+
+def confident_linear(batch, features, classes, seed):
+    """A Linear layer with large weights and inputs on which it is confident: the weights
+    solve X W^T + b = Z for confident logits Z (features + 1 >= batch)."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    X = torch.randn(batch, features, generator=gen, dtype=torch.float64)
+    Z = confident_logits(batch, classes, seed)
+    A = torch.cat([X, torch.ones(batch, 1, dtype=torch.float64)], 1)
+    Wb = torch.linalg.lstsq(A, Z).solution.T  # (classes, features + 1)
+    model = nn.Linear(features, classes).double()
+    with torch.no_grad():
+        model.weight.copy_(Wb[:, :-1])
+        model.bias.copy_(Wb[:, -1])
+    y = model(X).argmax(1)
+    return model, (X, y)
+
+
+def mp_loss_hessian(z, u, scale):
+    """scale * (diag(p) - p p^T) u for one sample, in mpmath (lists of floats in)."""
+    z = [mpmath.mpf(float(t)) for t in z]
+    u = [mpmath.mpf(float(t)) for t in u]
+    top = max(z)
+    e = [mpmath.exp(t - top) for t in z]
+    total = mpmath.fsum(e)
+    p = [t / total for t in e]
+    pu = mpmath.fsum(pc * uc for pc, uc in zip(p, u))
+    return [scale * pc * (uc - pu) for pc, uc in zip(p, u)]
+
+
+def mp_loss_hessian_matmat(logits, U, reduction):
+    """(B, C) or (B, C, k) U through the loss Hessian, column by column, as float64."""
+    scale = mpmath.mpf(1) / logits.shape[0] if reduction == "mean" else mpmath.mpf(1)
+    cols = U.unsqueeze(-1) if U.dim() == 2 else U
+    out = torch.empty(cols.shape, dtype=torch.float64)
+    for n in range(logits.shape[0]):
+        for j in range(cols.shape[2]):
+            h = mp_loss_hessian(logits[n].tolist(), cols[n, :, j].tolist(), scale)
+            out[n, :, j] = torch.tensor([float(t) for t in h], dtype=torch.float64)
+    return out.view(U.shape)
+
+
+def mp_linear_ggn_matmat(model, X, V, reduction):
+    """J^T H_loss J V for one Linear layer in mpmath: logits = X W^T + b, so J v maps
+    (dW, db) to X dW^T + db and J^T h to (h^T X, sum_n h_n); flat layout (weight, bias)."""
+    W = [[mpmath.mpf(float(t)) for t in row] for row in model.weight.tolist()]
+    b = [mpmath.mpf(float(t)) for t in model.bias.tolist()]
+    Xm = [[mpmath.mpf(float(t)) for t in row] for row in X.tolist()]
+    C, D = len(W), len(Xm[0])
+    B = len(Xm)
+    scale = mpmath.mpf(1) / B if reduction == "mean" else mpmath.mpf(1)
+    logits = [[mpmath.fsum(W[c][d] * x[d] for d in range(D)) + b[c] for c in range(C)]
+              for x in Xm]
+    out = torch.empty(V.shape, dtype=torch.float64)
+    for j in range(V.shape[1]):
+        v = [mpmath.mpf(float(t)) for t in V[:, j].tolist()]
+        dW = [v[c * D:(c + 1) * D] for c in range(C)]
+        db = v[C * D:]
+        gW = [[mpmath.mpf(0)] * D for _ in range(C)]
+        gb = [mpmath.mpf(0)] * C
+        for n, x in enumerate(Xm):
+            u = [mpmath.fsum(dW[c][d] * x[d] for d in range(D)) + db[c] for c in range(C)]
+            h = mp_loss_hessian(logits[n], u, scale)
+            for c in range(C):
+                gb[c] += h[c]
+                for d in range(D):
+                    gW[c][d] += h[c] * x[d]
+        flat = [t for row in gW for t in row] + gb
+        out[:, j] = torch.tensor([float(t) for t in flat], dtype=torch.float64)
+    return out
+
+
+def textbook_ggn_matmat(model, data, V, reduction):
+    """The GGN with the loss Hessian by autograd of F.cross_entropy (diag(p) - p p^T)."""
+    fns = reference.functions(model, data, reduction)
+
+    def product(v):
+        logits, jv = jvp(fns.logits, fns.param_tuple, fns.unflatten(v))
+        _, hjv = jvp(grad(fns.cross_entropy), (logits,), (jv,))
+        _, vjp_fn = torch.func.vjp(fns.logits, *fns.param_tuple)
+        return fns.flatten(vjp_fn(hjv))
+
+    return vmap(product, in_dims=1, out_dims=1)(V)
+
+
+def norm_error(actual, expected):
+    return float((actual - expected).norm() / expected.norm())
+
+
+CASES = [(6, 8, 3, 0), (6, 8, 5, 1), (7, 9, 10, 2)]  # batch, features, classes, seed
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("batch, features, classes, seed", CASES)
+def test_ggn_of_a_confident_linear_layer_matches_50_digits(batch, features, classes, seed,
+                                                           reduction):
+    model, data = confident_linear(batch, features, classes, seed)
+    P = classes * (features + 1)
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact = mp_linear_ggn_matmat(model, data[0], V, reduction)
+    # the case is one the textbook form cannot do in float64
+    assert norm_error(textbook_ggn_matmat(model, data, V, reduction), exact) > 1e-10
+    assert norm_error(reference.ggn_matmat(model, data, V, reduction=reduction), exact) <= 1e-12
+    assert norm_error(reference.ggn_matmat(model, data, V[:, 0], reduction=reduction),
+                      exact[:, 0]) <= 1e-12
+    fns = reference.functions(model, data, reduction)
+    assert norm_error(fns.linearized_ggn()(V[:, 1]), exact[:, 1]) <= 1e-12
+    assert norm_error(reference.ReferenceGGN(model, data, reduction=reduction) @ V,
+                      exact) <= 1e-12
+
+
+def test_dense_ggn_of_a_confident_linear_layer_matches_50_digits():
+    model, data = confident_linear(6, 8, 5, 3)
+    P = 5 * 9
+    eye = torch.eye(P, dtype=torch.float64)
+    exact = mp_linear_ggn_matmat(model, data[0], eye, "mean")
+    G = reference.ggn_dense(model, data)
+    assert norm_error(G, exact) <= 1e-12
+    torch.testing.assert_close(reference.ggn_dense(model, data, weight_decay=0.5),
+                               G + 0.5 * eye, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("classes, seed", [(3, 0), (5, 1), (10, 2)])
+def test_loss_hessian_product_matches_50_digits_per_sample(classes, seed, reduction):
+    logits = confident_logits(8, classes, seed)
+    U = torch.randn(8, classes, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    exact = mp_loss_hessian_matmat(logits, U, reduction)
+    ours = reference.cross_entropy_hessian_matmat(logits, U, reduction=reduction)
+    per_sample = ((ours - exact).norm(dim=1) / exact.norm(dim=1)).max()
+    assert per_sample <= 1e-13
+    textbook = jvp(grad(lambda z: F.cross_entropy(z, logits.argmax(1), reduction=reduction)),
+                   (logits,), (U,))[1]
+    assert ((textbook - exact).norm(dim=1) / exact.norm(dim=1)).max() > 1e-6
+
+
+def test_loss_hessian_product_takes_blocks_and_vmap():
+    logits = confident_logits(5, 4, 7, low=0.0, high=30.0)
+    U = torch.randn(5, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = mp_loss_hessian_matmat(logits, U, "mean")
+    block = reference.cross_entropy_hessian_matmat(logits, U)
+    assert norm_error(block, exact) <= 1e-13
+    columns = vmap(lambda u: reference.cross_entropy_hessian_matmat(logits, u),
+                   in_dims=2, out_dims=2)(U)
+    torch.testing.assert_close(columns, block, rtol=0, atol=0)
+
+
+def test_loss_hessian_product_on_moderate_logits_is_autograds():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    U = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 6, (9,), generator=gen)
+    for reduction in ("mean", "sum"):
+        expected = torch.autograd.functional.hvp(
+            lambda z: F.cross_entropy(z, y, reduction=reduction), logits, U)[1]
+        ours = reference.cross_entropy_hessian_matmat(logits, U, reduction=reduction)
+        assert relative_error(ours, expected) < 1e-14
+
+
+def test_loss_hessian_product_refuses_bad_input():
+    logits = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"logits: expected a torch.Tensor, got list"):
+        reference.cross_entropy_hessian_matmat([[0.0]], logits)
+    with pytest.raises(ValueError, match=r"logits: expected shape \(batch, classes\), got "
+                                         r"\(4, 3, 1\)"):
+        reference.cross_entropy_hessian_matmat(logits[..., None], logits)
+    with pytest.raises(ValueError, match=r"U: expected shape \(4, 3\) or \(4, 3, k\), got "
+                                         r"\(3, 4\)"):
+        reference.cross_entropy_hessian_matmat(logits, logits.T)
+    with pytest.raises(TypeError, match=r"U: expected dtype torch.float64, got torch.float32"):
+        reference.cross_entropy_hessian_matmat(logits, logits.float())
+    with pytest.raises(ValueError, match=r"reduction: expected 'mean' or 'sum', got 'none'"):
+        reference.cross_entropy_hessian_matmat(logits, logits, reduction="none")
+
+
+@pytest.mark.parametrize("low, high", [(20.0, 40.0), (0.0, 3.0)])
+def test_float32_ggn_is_at_least_as_accurate_as_the_textbook_form(low, high):
+    model, (X, y) = confident_linear(6, 8, 5, 4)
+    if low < 20:
+        model.weight.data.mul_(high / 40)
+        model.bias.data.mul_(high / 40)
+    model32, X32 = nn.Linear(8, 5), X.float()
+    model32.load_state_dict({k: t.float() for k, t in model.state_dict().items()})
+    V = torch.randn(45, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # the exact GGN of the float32 model (its values, rounded once, taken as exact)
+    exact = mp_linear_ggn_matmat(model32.double(), X32.double(), V, "mean")
+    model32.float()
+    ours = norm_error(reference.ggn_matmat(model32, (X32, y), V.float()).double(), exact)
+    textbook = norm_error(textbook_ggn_matmat(model32, (X32, y), V.float(), "mean").double(),
+                          exact)
+    assert ours <= max(textbook, 8 * torch.finfo(torch.float32).eps)
