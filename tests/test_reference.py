@@ -216,3 +216,63 @@ def test_float32_ggn_is_at_least_as_accurate_as_the_textbook_form(low, high):
     textbook = norm_error(textbook_ggn_matmat(model32, (X32, y), V.float(), "mean").double(),
                           exact)
     assert ours <= max(textbook, 8 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hessian_of_a_confident_linear_layer_matches_50_digits(seed, reduction):
+    # logits linear in the parameters: the Hessian is the GGN, known to 50 digits
+    model, data = confident_linear(6, 7, 5, seed)
+    P = 5 * 8
+    V = torch.randn(P, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact = mp_linear_ggn_matmat(model, data[0], V, reduction)
+    fns = reference.functions(model, data, reduction)
+    # torch.func's own forward-over-reverse cannot do this case in float64
+    assert norm_error(torch.stack([fns.hvp(V[:, j]) for j in range(3)], 1), exact) > 1e-10
+    assert norm_error(reference.hessian_matmat(model, data, V, reduction=reduction),
+                      exact) <= 1e-12
+    assert norm_error(reference.ReferenceHessian(model, data, reduction=reduction) @ V,
+                      exact) <= 1e-12
+    dense = reference.hessian_dense(model, data, reduction=reduction)
+    assert norm_error(dense @ V, exact) <= 1e-12
+
+
+@pytest.mark.parametrize("classes", [2, 5, 10])
+def test_loss_gradient_matches_50_digits(classes):
+    logits = confident_logits(6, classes, seed=classes)
+    y = logits.argmax(1)
+    y[0] = (y[0] + 1) % classes  # one sample confidently wrong
+    ours = reference.cross_entropy_gradient(logits, y, reduction="sum")
+    for n in range(6):
+        z = [mpmath.mpf(float(t)) for t in logits[n].tolist()]
+        top = max(z)
+        e = [mpmath.exp(t - top) for t in z]
+        total = mpmath.fsum(e)
+        for c in range(classes):
+            exact = e[c] / total - (1 if c == int(y[n]) else 0)
+            assert abs(mpmath.mpf(float(ours[n, c])) - exact) <= 1e-14 * abs(exact), (n, c)
+    mean = reference.cross_entropy_gradient(logits, y, reduction="mean")
+    assert torch.equal(mean, ours / 6)
+    # autograd's p - 1 keeps no correct digit of the label's entry on confident samples
+    auto = torch.func.grad(lambda z: F.cross_entropy(z, y, reduction="sum"))(logits)
+    assert relative_error(auto, ours) < 1e-12
+    label_auto, label_ours = auto[1:].gather(1, y[1:, None]), ours[1:].gather(1, y[1:, None])
+    assert float(((label_auto - label_ours) / label_ours).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.GELU, nn.Softplus])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_hessian_oracle_agrees_with_both_autograd_modes_on_moderate_models(activation,
+                                                                          reduction):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), activation(), nn.Linear(6, 3)).double()
+    gen = torch.Generator().manual_seed(1)
+    data = (torch.randn(7, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (7,), generator=gen))
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=gen,
+                    dtype=torch.float64)
+    ours = reference.hessian_matmat(model, data, V, reduction=reduction)
+    fns = reference.functions(model, data, reduction)
+    for other in (fns.hvp, fns.hvp_double_backward):
+        theirs = torch.stack([other(V[:, j]) for j in range(2)], 1)
+        assert relative_error(ours, theirs) < 1e-12
