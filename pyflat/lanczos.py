@@ -18,6 +18,9 @@ from ._progress import progress_bar
 
 __all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
 
+# A residual below this fraction of ||A|| counts as a breakdown (an invariant subspace).
+_BREAKDOWN_RTOL = 1e-10
+
 
 def tridiagonal(alpha: torch.Tensor, off_diagonal: torch.Tensor) -> torch.Tensor:
     """The symmetric tridiagonal matrix with diagonal alpha (m,) and off-diagonal (m-1,)."""
@@ -140,7 +143,7 @@ class _Lanczos:
             b = float(torch.linalg.vector_norm(w))
             self.scale = max(self.scale, abs(a) + b + (self.beta[j - 1] if j else 0.0))
             self.alpha.append(a)
-            if b <= 1e-10 * max(self.scale, 1e-300) or j + 1 == self.n:
+            if b <= _BREAKDOWN_RTOL * max(self.scale, 1e-300) or j + 1 == self.n:
                 # Invariant subspace: T decouples here; go on from a fresh vector.
                 self.beta.append(0.0)
                 if j + 1 < self.n:
@@ -217,7 +220,9 @@ class EigshResult:
         eigenvalues: (k,) float64, in the order scipy's eigsh returns them (ascending).
         eigenvectors: (n, k) float64 unit Ritz vectors, or None.
         residuals: (k,) bounds ||A x - theta x|| (|beta_m s_m|) per pair.
-        converged: whether every residual met the tolerance.
+        converged: whether every residual met the tolerance and, after a breakdown, the
+            unexplored complement cannot hold further copies that belong in the selection
+            (see ``eigsh``).
         steps: Lanczos steps (products) used.
     """
 
@@ -242,6 +247,26 @@ def _select(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return idx[torch.argsort(theta[idx])]
 
 
+def _complement_cannot_change(res: LanczosResult, selected: torch.Tensor, which: str,
+                              tie: float) -> bool:
+    """Whether the selection stays put if the complement of the closed blocks holds copies
+    of the last closed block's eigenvalues (its only possible spectrum); values within
+    ``tie`` of the selection's edge count as equal."""
+    end = res.breakdowns[-1] + 1
+    start = res.breakdowns[-2] + 1 if len(res.breakdowns) > 1 else 0
+    hidden = torch.linalg.eigvalsh(tridiagonal(res.alpha[start:end], res.beta[start:end - 1]))
+    lowest, highest = float(hidden[0]), float(hidden[-1])
+    if which == "SA":
+        return lowest >= float(selected[-1]) - tie
+    if which == "LA":
+        return highest <= float(selected[0]) + tie
+    if which == "LM":
+        return max(abs(lowest), abs(highest)) <= float(selected.abs().min()) + tie
+    low = len(selected) - (len(selected) + 1) // 2  # BE: selected[:low] from the low end
+    return (highest <= float(selected[low]) + tie
+            and (low == 0 or lowest >= float(selected[low - 1]) - tie))
+
+
 def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
           v0: Optional[torch.Tensor] = None, tol: float = 0.0, maxiter: Optional[int] = None,
           return_eigenvectors: bool = True, *, seed: Optional[int] = None,
@@ -255,6 +280,21 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
     'BE' (both ends). The Krylov space grows from ``ncv`` steps until every requested pair
     has a residual bound |beta_m s_m| <= tol * max(|theta|, ||T||) or ``maxiter`` steps
     were taken; ``converged`` says which.
+
+    What ``converged`` guarantees: every returned pair has a residual bound within the
+    tolerance, so an eigenvalue of A lies that close to each value. A single Krylov space
+    holds only one copy of a repeated eigenvalue (in exact arithmetic), so copies are found
+    through breakdowns: when the space becomes invariant, the run goes on from a fresh
+    random vector orthogonal to the basis. The complement of a closed (invariant) block
+    can only hold eigenvalues that the most recently closed block showed, since that block
+    grew from a random vector in the complement then. So after a breakdown, ``converged``
+    also requires that no copy of those values could enter the selection (or that the
+    whole space was spanned); until then the run continues, and it reports
+    ``converged=False`` if ``maxiter`` comes first. A low-rank operator's repeated zero
+    eigenvalue (``which='SA'``) or a repeated top eigenvalue is found this way. Without a
+    breakdown, a copy shows up only through rounding errors, as for ARPACK: multiplicity
+    inside a Krylov space that never closes is not detected. The argument relies on a
+    random start vector; a chosen ``v0`` orthogonal to an eigenvector voids it.
 
     Args:
         tol: relative tolerance; 0 means 100 x the unit roundoff of A's dtype (the
@@ -296,6 +336,10 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
         norm_T = float(theta.abs().max())
         limit = rtol * torch.clamp(theta[idx].abs(), min=norm_T * 1e-3)
         converged = bool((bounds[idx] <= limit).all())
+        if converged and res.breakdowns and not state.exhausted:
+            # Bounds of a closed block read 0, but copies may hide in the complement.
+            tie = max(rtol, _BREAKDOWN_RTOL) * norm_T
+            converged = _complement_cannot_change(res, theta[idx], which, tie)
         bar.set_postfix_str(f"worst residual {float((bounds[idx] / limit).max()):.1e} x tol")
         if converged or state.exhausted or res.steps >= maxiter:
             bar.close()

@@ -421,8 +421,9 @@ class _MLPCurvature(CurvatureOperator):
             return
         named = list(model.named_parameters())
         if named:  # the same for every backend: not a reason to fall back
-            _model_dtype_device([p for _, p in named], [n for n, _ in named], caller,
-                                kernels=False)
+            dtype, device = _model_dtype_device([p for _, p in named], [n for n, _ in named],
+                                                caller, kernels=False)
+            check_batch(data, dtype, device, None, caller, allow_integer=True)
         _check_eval_mode(model, caller)
         _check_model_state(model, caller)
         if backend != "reference":

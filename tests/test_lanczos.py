@@ -129,3 +129,87 @@ def test_progress_bars_only_when_asked_or_on_a_terminal(capsys):
     pyflat.adaptive_trace(A, 0.05, seed=0, progress=True)
     err = capsys.readouterr().err
     assert "pyflat.eigsh" in err and "pyflat.slq" in err and "pyflat.adaptive_trace" in err
+
+
+def _eigsh_selection(eigenvalues: np.ndarray, k: int, which: str) -> np.ndarray:
+    """The k eigenvalues scipy's eigsh returns for `which`, from the full spectrum."""
+    ev = np.sort(eigenvalues)
+    if which == "LA":
+        return ev[-k:]
+    if which == "SA":
+        return ev[:k]
+    if which == "LM":
+        return np.sort(ev[np.argsort(np.abs(ev), kind="stable")[-k:]])
+    high = (k + 1) // 2  # BE: the extra one from the high end
+    return np.sort(np.concatenate([ev[: k - high], ev[len(ev) - high:]]))
+
+
+# Spectra with exact multiplicities; none has +-x pairs, so 'LM' has no ties.
+REPEATED_SPECTRA = {
+    "rank 5 of 50": [1.0, 2.0, 3.0, 4.0, 5.0] + [0.0] * 45,
+    "rank 7 of 50": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0] + [0.0] * 43,
+    "rank 1 of 50": [3.0] + [0.0] * 49,
+    "triple top of 10": [5.0] * 3 + np.linspace(0.1, 0.9, 7).tolist(),
+    "repeats at both ends": [-2.0] * 3 + [0.0] * 20 + [0.5, 1.5, 2.5, 3.5] + [4.0] * 3,
+}
+
+
+@pytest.mark.parametrize("ncv_is_k", [False, True], ids=["default_ncv", "ncv_k"])
+@pytest.mark.parametrize("which", ["SA", "BE", "LA", "LM"])
+@pytest.mark.parametrize("spectrum", list(REPEATED_SPECTRA), ids=str)
+def test_eigsh_never_claims_convergence_on_a_wrong_selection(spectrum, which, ncv_is_k):
+    """After a breakdown every residual bound is 0, yet the unexplored complement can hold
+    further copies of a wanted eigenvalue: converged=True must mean the values are right."""
+    eigenvalues = REPEATED_SPECTRA[spectrum]
+    A = symmetric(eigenvalues, seed=15)
+    dense = np.linalg.eigvalsh(A.numpy())
+    for k in range(1, 5):
+        for seed in range(2):
+            res = pyflat.eigsh(A, k=k, which=which, seed=seed, ncv=k if ncv_is_k else None)
+            if res.converged:
+                np.testing.assert_allclose(res.eigenvalues.numpy(),
+                                           _eigsh_selection(dense, k, which), rtol=0, atol=1e-8,
+                                           err_msg=f"k={k} seed={seed}")
+
+
+@pytest.mark.parametrize("which, rank, k, ncv", [
+    ("SA", 5, 3, None), ("SA", 5, 3, 3), ("SA", 7, 3, None), ("SA", 7, 2, None),
+    ("SA", 1, 4, None), ("SA", 1, 2, 2), ("BE", 5, 4, 4), ("BE", 1, 4, None),
+    ("BE", 7, 4, 4), ("SA", 5, 1, 1),
+])
+def test_eigsh_finds_every_copy_of_a_repeated_zero_eigenvalue(which, rank, k, ncv):
+    """Low-rank PSD: the zero eigenvalue has multiplicity n - rank, and a single Krylov
+    space holds one copy; the others come from restarts after the breakdown."""
+    n = 50
+    A = symmetric(list(range(1, rank + 1)) + [0.0] * (n - rank), seed=16)
+    dense = np.linalg.eigvalsh(A.numpy())
+    res = pyflat.eigsh(A, k=k, which=which, ncv=ncv, seed=0)
+    expected = _eigsh_selection(dense, k, which)
+    assert res.converged
+    np.testing.assert_allclose(res.eigenvalues.numpy(), expected, rtol=0, atol=1e-8)
+    reference = scipy.sparse.linalg.eigsh(A.numpy(), k=k, which=which, tol=1e-12,
+                                          return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(reference), expected, rtol=0, atol=1e-8)
+    # the wanted copies are resolved without running through the whole space
+    assert res.steps < n
+    vectors = res.eigenvectors
+    residual = torch.linalg.vector_norm(A @ vectors - vectors * res.eigenvalues, dim=0)
+    assert residual.max() < 1e-8
+    gram = vectors.T @ vectors
+    torch.testing.assert_close(gram, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["LA", "LM", "BE"])
+@pytest.mark.parametrize("k", [3, 4])
+def test_eigsh_finds_every_copy_of_a_repeated_top_eigenvalue(which, k):
+    """5 three times above 7 distinct values: the first Krylov space breaks down after 8
+    steps, exactly at the first convergence check, holding a single 5."""
+    eigenvalues = [5.0] * 3 + np.linspace(0.1, 0.9, 7).tolist()
+    A = symmetric(eigenvalues, seed=17)
+    expected = _eigsh_selection(np.array(eigenvalues), k, which)
+    res = pyflat.eigsh(A, k=k, which=which, seed=0)
+    assert res.converged
+    np.testing.assert_allclose(res.eigenvalues.numpy(), expected, rtol=0, atol=1e-8)
+    reference = scipy.sparse.linalg.eigsh(A.numpy(), k=k, which=which, tol=1e-12,
+                                          return_eigenvectors=False)
+    np.testing.assert_allclose(np.sort(reference), expected, rtol=0, atol=1e-8)
