@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from .operators import CurvatureOperator
+from .operators import CurvatureOperator, forward_already_checked
 
 __all__ = ["DatasetCurvature", "default_cache_bytes"]
 
@@ -96,7 +96,8 @@ class DatasetCurvature(CurvatureOperator):
     """Sum over batches of sum-reduced batch operators, scaled to the data set's mean.
 
     Args:
-        make_batch_operator: (X, y) -> a sum-reduced operator of one batch.
+        make_batch_operator: (X, y, backend=...) -> a sum-reduced operator of one batch;
+            batches prepared again pass the backend chosen at construction.
         batches: a function returning a fresh iterator over (X, y) batches.
         reduction: "mean" (divide by the total sample count) or "sum".
         weight_decay: mu of mu I, added once.
@@ -215,7 +216,13 @@ class DatasetCurvature(CurvatureOperator):
                 if index >= len(self._cached):
                     batch = _fingerprint(X, y)
                     seen = batch if seen is None else seen + batch
-                    out.add_(self._make(X, y)._matmat(V))
+                    # its samples' logits were checked at construction; the pass's
+                    # fingerprint below proves they are the same samples
+                    # the backend chosen at construction: a hook added since then is
+                    # refused by the fused engines instead of changing the function
+                    with forward_already_checked():
+                        operator = self._make(X, y, backend=self.backend)
+                    out.add_(operator._matmat(V))
             if count != self.num_batches:
                 raise ValueError(
                     f"{self._caller}: the data yielded {'more than ' if count > self.num_batches else ''}"

@@ -8,6 +8,8 @@ tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()]
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -359,10 +361,27 @@ def _forward_tolerance(dtype: torch.dtype) -> float:
     return 64 * torch.finfo(dtype).eps
 
 
+#: set while a data set prepares again a batch whose logits were checked at construction
+#: (the same samples, by fingerprint, and the same model state): the check's extra
+#: forward would cost a fifth of each product
+_FORWARD_CHECKED = contextvars.ContextVar("pyflat_forward_checked", default=False)
+
+
+@contextlib.contextmanager
+def forward_already_checked():
+    token = _FORWARD_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_CHECKED.reset(token)
+
+
 def _check_reproduces(model: nn.Module, X: torch.Tensor, logits: torch.Tensor, caller: str,
                       what: str) -> None:
     """The fused engines' second line of defence, after the structural checks: the
     prepared logits must be model(X). NaN-aware: a non-finite output is refused outright."""
+    if _FORWARD_CHECKED.get():
+        return
     with torch.no_grad(), full_precision(X.device):
         expected = model(X)
     if not isinstance(expected, torch.Tensor) or expected.shape != logits.shape:
@@ -537,7 +556,8 @@ class _MLPCurvature(CurvatureOperator):
         budget = default_cache_bytes(device) if cache_bytes is None else int(cache_bytes)
         kind = type(self)
         dataset = DatasetCurvature(
-            lambda X, y: kind(model, (X, y), reduction="sum", backend=backend),
+            lambda X, y, backend=backend: kind(model, (X, y), reduction="sum",
+                                               backend=backend),
             batches, reduction=self.reduction, weight_decay=self.weight_decay,
             cache_bytes=budget, device=device, dtype=dtype, caller=caller,
             distributed=distributed, process_group=process_group, model=model)

@@ -401,3 +401,13 @@ def test_a_model_whose_output_is_not_a_tensor_or_not_finite_is_refused(backend):
         model[1].weight.fill_(float("inf"))
     with pytest.raises(ValueError, match="not finite|NaN or inf"):
         _operator(pyflat.GGN, model, make_batch(4, 5, 3), backend=backend)
+
+
+def test_a_hook_added_after_a_data_set_operator_was_built_is_refused():
+    batches = _batches(3)
+    model = make_mlp([5, 6, 3], "tanh", seed=1)
+    op = pyflat.GGN(model, batches, cache_bytes=0)
+    assert op.backend == "fused"
+    model[1].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(TypeError, match="Tanh at '1' has a forward hook"):
+        op @ random_block(num_params(model), 1)
