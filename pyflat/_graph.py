@@ -379,7 +379,10 @@ class GraphEngine:
                         self.keep[j] = True
         self.param_views = {}  # per node: weight/bias snapshots
         for node in nodes:
-            self.param_views[id(node)] = {k: p.detach().clone() for k, p in node.params.items()}
+            # contiguous copies: a channels_last model would hand its layout to every
+            # tangent and delta, and the per-element kernels take contiguous memory
+            self.param_views[id(node)] = {k: p.detach().clone(memory_format=torch.contiguous_format)
+                                          for k, p in node.params.items()}
         self._forward(X)
 
     # ---------------------------------------------------------------- forward
@@ -793,7 +796,8 @@ class GraphEngine:
             elif node.kind == "activation":
                 if needs_input:
                     # in place below: copy a delta held elsewhere, or kept as a result
-                    delta = d.clone() if shared[i] or out is None else d.contiguous()
+                    delta = (d.clone(memory_format=torch.contiguous_format)
+                             if shared[i] or out is None else d.contiguous())
                     curvature = c.get("curvature") if exact else None
                     ops.activation_delta_(delta, c["first"], curvature,
                                           t_in if curvature is not None else None)

@@ -76,13 +76,13 @@ def check_plain_modules(model: nn.Module, caller: str) -> None:
     call, so they would compute another function; the reference backend runs the call.
     """
     hooks = torch.nn.modules.module
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks"):
+    for name, register in (("_global_forward_hooks", "register_module_forward_hook"),
+                           ("_global_forward_pre_hooks", "register_module_forward_pre_hook")):
         if getattr(hooks, name, None):
-            kind = "pre-hook" if "pre" in name else "hook"
-            raise TypeError(f"{caller}: a global forward {kind} is registered "
-                            f"(torch.nn.modules.module.register_module_forward_{kind.replace('-', '_')}"
-                            "); it changes every module's output, and the fused engines read "
-                            "the modules' rules, not the hooked calls")
+            raise TypeError(f"{caller}: a global forward hook is registered "
+                            f"(torch.nn.modules.module.{register}); it changes every "
+                            "module's output, and the fused engines read the modules' rules, "
+                            "not the hooked calls")
     for path, module in model.named_modules():
         where = f"{type(module).__name__} at '{path or '<model>'}'"
         if module._forward_hooks or module._forward_pre_hooks:

@@ -224,9 +224,10 @@ class DatasetCurvature(CurvatureOperator):
                         operator = self._make(X, y, backend=self.backend)
                     out.add_(operator._matmat(V))
             if count != self.num_batches:
+                more = "more than " if count > self.num_batches else ""
                 raise ValueError(
-                    f"{self._caller}: the data yielded {'more than ' if count > self.num_batches else ''}"
-                    f"{count} batches on this pass and {self.num_batches} at construction; "
+                    f"{self._caller}: the data yielded {more}{count} batches on this pass and "
+                    f"{self.num_batches} at construction; "
                     "batches past the cache budget are read again for every product, so the "
                     "data must yield the same batches every pass (a DataLoader or a list, not "
                     "a one-shot generator), or raise cache_bytes to keep them all")

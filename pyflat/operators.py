@@ -493,7 +493,7 @@ class _MLPCurvature(CurvatureOperator):
         self._activations = list(spec.activations)
         # a copy, not a view: writes to X after construction (in place, through numpy or
         # DLPack, which bump no version counter) must not reach the products
-        self._input = X.clone(memory_format=torch.contiguous_format)
+        self._input = X.detach().clone(memory_format=torch.contiguous_format)
         with full_precision(device):
             self._prepared = ops.mlp_forward(self._input, y, self._weights, self._biases,
                                              self._activations, spec.activation_params,
@@ -524,7 +524,7 @@ class _MLPCurvature(CurvatureOperator):
         dtype, device = _model_dtype_device(graph.parameters, paths, caller)
         X, y = check_batch(data, dtype, device, None, caller)
         # a copy, not a view: the prepared forward keeps the input of the first layer
-        X = X.clone()
+        X = X.detach().clone(memory_format=torch.contiguous_format)
         with full_precision(device):
             engine = GraphEngine(graph, X, self.reduction, self._exact, caller)
             check_labels(y, engine.num_classes, caller)

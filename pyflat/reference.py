@@ -73,7 +73,11 @@ class CurvatureFunctions:
         self.param_tuple = tuple(p.detach().clone() for _, p in named)
         self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        self.model, self.X, self.y, self.reduction = model, X.clone(), y.clone(), reduction
+        # and in the modes they are in now: model.train() later must not switch BatchNorm
+        # to batch statistics (or Dropout to fresh masks) inside a product
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.model, self.reduction = model, reduction
+        self.X, self.y = X.detach().clone(), y.detach().clone()
         self._graph = None
         self._gradient = None
 
@@ -86,7 +90,7 @@ class CurvatureFunctions:
 
     def logits(self, *params: torch.Tensor) -> torch.Tensor:
         # every product runs the forward here; its kernels fix the derivatives used
-        with autograd_friendly_attention():
+        with autograd_friendly_attention(), _modes(self.modes):
             return functional_call(self.model, {**self.buffers, **dict(zip(self.names, params))},
                                    (self.X,))
 
@@ -156,6 +160,20 @@ class CurvatureFunctions:
         with _quiet_linearize():
             _, hvp_fn = linearize(gradient, *self.param_tuple)
         return lambda v: self.flatten(hvp_fn(*self.unflatten(v)))
+
+
+@contextlib.contextmanager
+def _modes(modes: list[tuple[nn.Module, bool]]):
+    """Puts every module in the training mode it had when the snapshot was taken, and
+    back afterwards."""
+    now = [(m, m.training) for m, _ in modes]
+    try:
+        for m, training in modes:
+            m.training = training
+        yield
+    finally:
+        for m, training in now:
+            m.training = training
 
 
 @contextlib.contextmanager

@@ -411,3 +411,43 @@ def test_a_hook_added_after_a_data_set_operator_was_built_is_refused():
     model[1].register_forward_hook(lambda m, i, o: o * 2)
     with pytest.raises(TypeError, match="Tanh at '1' has a forward hook"):
         op @ random_block(num_params(model), 1)
+
+
+@pytest.mark.parametrize("kind", [pyflat.GGN, pyflat.Hessian], ids=["ggn", "hessian"])
+def test_a_channels_last_model_runs_through_the_graph_engine(kind):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.GELU(),
+                          nn.Conv2d(3, 2, 2, stride=2), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(8, 3)).double().eval()
+    model = model.to(memory_format=torch.channels_last)
+    X = torch.randn(5, 2, 4, 4, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(memory_format=torch.channels_last)
+    op = _assert_own_function(kind, model, (X, torch.tensor([0, 1, 2, 0, 1])))
+    assert op.engine == "graph"
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "graph", "reference"])
+def test_inputs_that_require_grad_are_taken_as_data(model_kind):
+    model = make_mlp([5, 6, 3], "tanh", seed=1)
+    if model_kind == "graph":
+        model = nn.Sequential(model, nn.Identity()).double()
+        model = Shifted(*model[0])
+    elif model_kind == "reference":
+        model = nn.Sequential(model, nn.LayerNorm(3).double())
+    X, y = make_batch(5, 5, 3)
+    op = _assert_own_function(pyflat.Hessian, model, (X.requires_grad_(True), y))
+    assert op.engine == (None if model_kind == "reference" else model_kind)
+
+
+def test_a_reference_operator_keeps_the_modes_of_its_snapshot():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Dropout(0.5),
+                          nn.LayerNorm(3)).double().eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(3.0)
+    data = make_batch(6, 4, 3)
+    V = random_block(num_params(model), 2)
+    expected = _oracle(pyflat.Hessian, model, data, V)
+    op = _operator(pyflat.Hessian, model, data)
+    assert op.backend == "reference"
+    model.train()
+    assert relative_error(op @ V, expected) < TOL
+    assert model[1].training and model[2].training  # the user's modes are left as set
