@@ -383,7 +383,7 @@ def _check_reproduces(model: nn.Module, X: torch.Tensor, logits: torch.Tensor, c
     if _FORWARD_CHECKED.get():
         return
     with torch.no_grad(), full_precision(X.device):
-        expected = model(X)
+        expected = model(X.clone())  # a forward may write to its input in place
     if not isinstance(expected, torch.Tensor) or expected.shape != logits.shape:
         got = tuple(expected.shape) if isinstance(expected, torch.Tensor) else \
             type(expected).__name__
@@ -480,7 +480,7 @@ class _MLPCurvature(CurvatureOperator):
         dtype, device = _model_dtype_device(spec.parameters, _parameter_paths(spec), caller)
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
         inputs = X
-        X = spec.transform_input(X)
+        X = spec.transform_input(X.detach().clone())  # ReLU(inplace=True) may come first
         if X.dim() != 2 or X.shape[1] != spec.in_features:
             raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
                              f"{spec.in_features} features per sample, but X becomes "
@@ -598,7 +598,7 @@ class _MLPCurvature(CurvatureOperator):
         _check_eval_mode(model, caller)
         X, y = check_batch(data, dtype, device, None, caller, allow_integer=True)
         with torch.no_grad(), autograd_friendly_attention():
-            logits = model(X)
+            logits = model(X.clone())  # a forward may write to its input in place
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"{caller}: model(X) must return a tensor of logits, got "
                             f"{type(logits).__name__}")

@@ -92,7 +92,7 @@ class CurvatureFunctions:
         # every product runs the forward here; its kernels fix the derivatives used
         with autograd_friendly_attention(), _modes(self.modes):
             return functional_call(self.model, {**self.buffers, **dict(zip(self.names, params))},
-                                   (self.X,))
+                                   (self.X.clone(),))  # a forward may write to its input
 
     def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, self.y, reduction=self.reduction)

@@ -451,3 +451,35 @@ def test_a_reference_operator_keeps_the_modes_of_its_snapshot():
     model.train()
     assert relative_error(op @ V, expected) < TOL
     assert model[1].training and model[2].training  # the user's modes are left as set
+
+
+class DoublesItsInput(nn.Module):
+    """A forward that writes to its input: every call would compound on a kept X."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3).double()
+        self.norm = nn.LayerNorm(3).double()
+
+    def forward(self, x):
+        x.mul_(2)
+        return self.norm(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("which", ["inplace_relu_first", "forward_writes_input"])
+def test_forwards_that_write_to_their_input_leave_the_data_and_products_alone(which):
+    if which == "inplace_relu_first":
+        model = nn.Sequential(nn.ReLU(inplace=True), make_mlp([5, 6, 3], "tanh", seed=1))
+    else:
+        model = DoublesItsInput()
+    X, y = make_batch(5, 5, 3)
+    original = X.clone()
+    V = random_block(num_params(model), 2)
+    # the oracle: the function of the data as given, for a fresh copy on every call
+    fns = reference.functions(model, (X.clone(), y))
+    expected = torch.stack([fns.hessian_vp(V[:, j]) for j in range(2)], 1)
+    op = _operator(pyflat.Hessian, model, (X, y))
+    first = op @ V
+    assert torch.equal(X, original)
+    assert relative_error(first, expected) < TOL
+    assert torch.equal(op @ V, first)  # no drift from call to call
