@@ -94,16 +94,34 @@ def check_plain_modules(model: nn.Module, caller: str) -> None:
             raise TypeError(f"{caller}: {where} has parametrized tensors ({names}, "
                             "torch.nn.utils.parametrize); the fused engines take plain "
                             "parameters")
-        for attribute in ("forward", "__call__"):
+        for attribute in ("forward",) + _CALL_PATH:
             if attribute in vars(module):
                 raise TypeError(f"{caller}: {where} has its {attribute} replaced on the "
                                 "instance; the fused engines compute the module's own rule")
+    # torch.fx traces the root's forward(), so a call that does more is never seen; calls of
+    # submodules are traced through, and the MLP engine reads only exact layer types.
+    overridden = _overridden_call(model)
+    if overridden is not None:
+        raise TypeError(f"{caller}: {type(model).__name__} at '<model>' overrides "
+                        f"{overridden}, so model(X) runs more than its forward(); the fused "
+                        "engines compute forward()")
+
+
+#: what ``module(x)`` runs before it reaches ``forward``
+_CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl")
+
+
+def _overridden_call(module: nn.Module) -> Optional[str]:
+    """The name of the call method ``type(module)`` overrides, if any."""
+    return next((name for name in _CALL_PATH
+                 if getattr(type(module), name, None) is not getattr(nn.Module, name, None)),
+                None)
 
 
 def _own_forward(module: nn.Module) -> bool:
     """Whether a container overrides the chain that nn.Sequential.forward runs."""
     return type(module).forward is not nn.Sequential.forward or \
-        type(module).__call__ is not nn.Module.__call__
+        _overridden_call(module) is not None
 
 
 def _leaves(module: nn.Module, path: str, caller: str):

@@ -95,6 +95,33 @@ def test_a_forward_replaced_on_an_instance_is_refused():
     assert _assert_own_function(pyflat.GGN, model, make_batch(6, 5, 3)).backend == "reference"
 
 
+class DoubledOnCall(nn.Sequential):
+    """Overrides the call, not the forward: torch.fx traces forward() alone."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2.0
+
+
+class DoubledOnCallImpl(nn.Sequential):
+    def _call_impl(self, *args, **kwargs):
+        return super()._call_impl(*args, **kwargs) * 2.0
+
+
+@pytest.mark.parametrize("cls", [DoubledOnCall, DoubledOnCallImpl])
+@pytest.mark.parametrize("kind", [pyflat.GGN, pyflat.Hessian], ids=["ggn", "hessian"])
+def test_a_call_overridden_by_the_class_is_the_function(cls, kind):
+    # Zero logits: model(X) = 2 * 0 matches the traced forward, so only a structural check
+    # can see that the curvature of 2 f is asked for, not that of f.
+    model = _chain(cls, activation=nn.ReLU)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    assert not model(make_batch(6, 5, 3)[0]).any()
+    with pytest.raises(TypeError, match=f"{cls.__name__} at '<model>' overrides"):
+        pyflat.GGN(model, make_batch(6, 5, 3), backend="fused")
+    assert _assert_own_function(kind, model, make_batch(6, 5, 3)).backend == "reference"
+
+
 def _hooked(where: str):
     model = _chain()
     if where == "forward_hook":
