@@ -66,17 +66,29 @@ def mp_loss_hessian_matmat(logits, U, reduction):
     return out.view(U.shape)
 
 
-def mp_linear_ggn_matmat(model, X, V, reduction):
-    """J^T H_loss J V for one Linear layer in mpmath: logits = X W^T + b, so J v maps
-    (dW, db) to X dW^T + db and J^T h to (h^T X, sum_n h_n); flat layout (weight, bias)."""
+MP_OUTPUTS = {  # an output activation and its derivative, in mpmath
+    "identity": (lambda a: a, lambda a: mpmath.mpf(1)),
+    "tanh": (mpmath.tanh, lambda a: mpmath.sech(a) ** 2),
+    "sigmoid": (lambda a: 1 / (1 + mpmath.exp(-a)),
+                lambda a: mpmath.exp(-a) / (1 + mpmath.exp(-a)) ** 2),
+}
+
+
+def mp_linear_ggn_matmat(model, X, V, reduction, output="identity"):
+    """J^T H_loss J V for one Linear layer (then an elementwise output activation s) in
+    mpmath: logits = s(X W^T + b), so J v maps (dW, db) to s' * (X dW^T + db) and J^T h to
+    ((s' h)^T X, sum_n s' h_n); flat layout (weight, bias)."""
+    act, act_prime = MP_OUTPUTS[output]
     W = [[mpmath.mpf(float(t)) for t in row] for row in model.weight.tolist()]
     b = [mpmath.mpf(float(t)) for t in model.bias.tolist()]
     Xm = [[mpmath.mpf(float(t)) for t in row] for row in X.tolist()]
     C, D = len(W), len(Xm[0])
     B = len(Xm)
     scale = mpmath.mpf(1) / B if reduction == "mean" else mpmath.mpf(1)
-    logits = [[mpmath.fsum(W[c][d] * x[d] for d in range(D)) + b[c] for c in range(C)]
-              for x in Xm]
+    pre = [[mpmath.fsum(W[c][d] * x[d] for d in range(D)) + b[c] for c in range(C)]
+           for x in Xm]
+    logits = [[act(a) for a in row] for row in pre]
+    slopes = [[act_prime(a) for a in row] for row in pre]
     out = torch.empty(V.shape, dtype=torch.float64)
     for j in range(V.shape[1]):
         v = [mpmath.mpf(float(t)) for t in V[:, j].tolist()]
@@ -85,12 +97,14 @@ def mp_linear_ggn_matmat(model, X, V, reduction):
         gW = [[mpmath.mpf(0)] * D for _ in range(C)]
         gb = [mpmath.mpf(0)] * C
         for n, x in enumerate(Xm):
-            u = [mpmath.fsum(dW[c][d] * x[d] for d in range(D)) + db[c] for c in range(C)]
+            u = [slopes[n][c] * (mpmath.fsum(dW[c][d] * x[d] for d in range(D)) + db[c])
+                 for c in range(C)]
             h = mp_loss_hessian(logits[n], u, scale)
             for c in range(C):
-                gb[c] += h[c]
+                g = slopes[n][c] * h[c]
+                gb[c] += g
                 for d in range(D):
-                    gW[c][d] += h[c] * x[d]
+                    gW[c][d] += g * x[d]
         flat = [t for row in gW for t in row] + gb
         out[:, j] = torch.tensor([float(t) for t in flat], dtype=torch.float64)
     return out
@@ -276,3 +290,50 @@ def test_hessian_oracle_agrees_with_both_autograd_modes_on_moderate_models(activ
     for other in (fns.hvp, fns.hvp_double_backward):
         theirs = torch.stack([other(V[:, j]) for j in range(2)], 1)
         assert relative_error(ours, theirs) < 1e-12
+
+
+def saturated_layer(output, seed, batch=3, features=4, classes=3):
+    """Linear(features, classes) then tanh or sigmoid, every pre-activation at
+    low <= |a| <= high: around or past the point where t = tanh(a) or s = sigmoid(a)
+    rounds to +-1 (or 1) in float64, so 1 - t^2 and s (1 - s) lose their digits."""
+    low, high = (20.0, 30.0) if output == "tanh" else (32.0, 45.0)
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(batch, features, generator=gen, dtype=torch.float64)
+    signs = torch.randint(0, 2, (batch, classes), generator=gen).double() * 2 - 1
+    if output == "sigmoid":  # sigmoid saturates to 0 without loss of relative accuracy
+        signs = signs.abs()
+    A = signs * (low + (high - low) * torch.rand(batch, classes, generator=gen,
+                                                    dtype=torch.float64))
+    Wb = torch.linalg.lstsq(torch.cat([X, torch.ones(batch, 1, dtype=torch.float64)], 1),
+                            A).solution.T
+    linear = nn.Linear(features, classes).double()
+    with torch.no_grad():
+        linear.weight.copy_(Wb[:, :-1])
+        linear.bias.copy_(Wb[:, -1])
+    model = nn.Sequential(linear, nn.Tanh() if output == "tanh" else nn.Sigmoid())
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    return model, (X, y)
+
+
+@pytest.mark.parametrize("output", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_saturated_outputs_engine_matches_50_digits_where_autograd_rounds_to_zero(output,
+                                                                                 seed):
+    import pyflat
+    from conftest import exact_saturation
+    model, data = saturated_layer(output, seed)
+    P = sum(p.numel() for p in model.parameters())
+    V = torch.randn(P, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    exact = mp_linear_ggn_matmat(model[0], data[0], V, "sum", output=output)
+    assert exact.abs().max() > 0
+    # autograd's own rule loses the relative accuracy here: the oracle alone cannot judge
+    assert norm_error(reference.ggn_matmat(model, data, V, reduction="sum"), exact) > 1e-6
+    with exact_saturation():
+        assert norm_error(reference.ggn_matmat(model, data, V, reduction="sum"),
+                          exact) <= 1e-12
+    ggn = pyflat.GGN(model, data, reduction="sum", backend="fused")
+    assert norm_error(ggn @ V, exact) <= 1e-12
+    hessian = pyflat.Hessian(model, data, reduction="sum", backend="fused")
+    with exact_saturation():
+        expected = reference.hessian_matmat(model, data, V, reduction="sum")
+    assert norm_error(hessian @ V, expected) <= 1e-10
