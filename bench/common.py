@@ -303,3 +303,16 @@ def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(markdown)
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+
+
+def tf32_off() -> None:
+    """float32 GEMMs and convolutions in IEEE precision for every method timed, torch.func
+    and the plain matmul included. torch >= 2.9 has per-operator fp32_precision settings;
+    there the legacy allow_tf32 switches are not used (reading them raises once the two
+    disagree)."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False

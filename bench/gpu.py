@@ -2,7 +2,8 @@
 
     python -m bench.gpu --out results/      # needs a CUDA GPU and a CUDA build of pyflat
 
-float32 with TF32 off (torch's matmul and cuDNN switches), CUDA-event timings in
+float32 with TF32 off (torch's fp32_precision settings for cuBLAS and cuDNN convolutions;
+the legacy allow_tf32 switches on older torch), CUDA-event timings in
 interleaved rounds, medians. Models (random Gaussian inputs, MNIST-sized, random labels;
 no download on the GPU machine):
 
@@ -33,7 +34,7 @@ import pyflat
 from pyflat import reference
 
 from .common import (ResNet8, cuda_clock, digits_cnn, machine, matmul_ceiling, mlp,
-                     product_flops, time_interleaved, write_results)
+                     product_flops, tf32_off, time_interleaved, write_results)
 
 CASES = [
     # name, widths (MLP) or (model builder, sample shape), batch, product, k,
@@ -98,8 +99,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench.gpu: no CUDA GPU is visible to torch", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    tf32_off()
     info = machine()
     ceiling = matmul_ceiling(torch.float32, 8192, device="cuda") / 1e3
     results = [run_case(*case, seconds=args.seconds) for case in CASES]

@@ -26,7 +26,7 @@ from torch import nn
 import pyflat
 from pyflat import reference
 
-from .common import (block, cuda_clock, digits_cnn, host_clock, machine, mlp,
+from .common import (block, cuda_clock, digits_cnn, host_clock, machine, mlp, tf32_off,
                      time_interleaved, write_results)
 
 MODELS = {
@@ -171,8 +171,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA GPU is visible to torch")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        tf32_off()
     else:
         torch.set_num_threads(args.threads)
     info = machine()

@@ -336,10 +336,16 @@ def _reproducible(device: torch.device):
     if device.type != "cuda":
         yield
         return
+    # set one by one, not through cudnn.flags(): that reads the legacy allow_tf32 switch,
+    # which raises on torch >= 2.9 once cuDNN's conv and rnn fp32_precision differ (as
+    # pyflat's full_precision makes them), and on exit writes it over both levels
     cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=True,
-                     allow_tf32=cudnn.allow_tf32):
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
         yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
 
 
 class GraphEngine:

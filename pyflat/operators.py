@@ -664,9 +664,7 @@ class _MLPCurvature(CurvatureOperator):
             with full_precision(self._device):
                 return self._graph_engine.matmat(directions)
         product = ops.mlp_hessian_matmat if self._exact else ops.mlp_ggn_matmat
-        if self._device.type == "cpu":
-            return product(self._input, self._weights, self._biases, self._activations,
-                           self._prepared, directions, self.reduction)
+        # on the CPU too: oneDNN may run float32 GEMMs in bf16 at the user's request
         with full_precision(self._device):
             return product(self._input, self._weights, self._biases, self._activations,
                            self._prepared, directions, self.reduction)

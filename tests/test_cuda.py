@@ -1,12 +1,15 @@
 """The CUDA path of the engine: fused kernels against the generic ATen path, the CPU
 engine and the autograd reference. Skipped without a GPU; bench/gpu_check.sh runs them on
 the GPU machine."""
+import copy
+
 import pytest
 import torch
 
 import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
+from pyflat.precision import full_precision
 
 from conftest import (ACTIVATION_MODULES, assert_within_float32_autograd, make_batch, make_mlp,
                       num_params, random_block, relative_error)
@@ -23,10 +26,12 @@ PRODUCTS = {"ggn": (pyflat.GGN, GenericGGN, reference.ggn_matmat),
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+    """No TF32 for the float32 work outside pyflat's products either: pyflat's own guard
+    around the test, which sets cuBLAS's and cuDNN's conv fp32_precision levels (never the
+    legacy allow_tf32 switches, which raise on torch >= 2.9 once the levels disagree with
+    them) and puts them back exactly after."""
+    with full_precision(torch.device("cuda")):
+        yield
 
 
 def on_cuda(model, data):
@@ -74,6 +79,36 @@ def test_float32_within_autograd_error(product, k, reduction):
     err, err_ref = relative_error(ours.double().cpu(), exact), \
         relative_error(autograd.double().cpu(), exact)
     assert_within_float32_autograd(err, err_ref)
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "vgg-style"])
+def test_user_tf32_stays_out_of_float32_products(model_kind):
+    """TF32 switched on through torch's fp32_precision settings, as for training: torch's
+    own float32 matmuls then use it, pyflat's products do not, and the settings are the
+    user's again after them."""
+    from test_convnets import build
+
+    if model_kind == "mlp":
+        model64, data64 = make_mlp([20, 129, 65, 10], "gelu", seed=3), make_batch(257, 20, 10)
+    else:
+        model64, data64 = build(model_kind, 16)
+    model64, data64 = on_cuda(model64, data64)
+    model32, data32 = copy.deepcopy(model64).float(), (data64[0].float(), data64[1])
+    V = random_block(num_params(model64), 4).cuda()
+    # the levels the autouse guard puts back after the test
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    A, B = (torch.randn(512, 512, device="cuda", generator=gen) for _ in range(2))
+    if relative_error((A @ B).double(), A.double() @ B.double()) < 1e-5:
+        pytest.skip("this GPU has no TF32: float32 matmuls stay in full precision")
+    for fused, _, ref in PRODUCTS.values():
+        exact = ref(model64, data64, V)
+        # float32 rounding gives ~1e-7 here, TF32 ~1e-3
+        assert relative_error((fused(model32, data32) @ V.float()).double(), exact) < 1e-5
+        assert relative_error(ref(model32, data32, V.float()).double(), exact) < 1e-5
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
 
 
 def test_many_classes_and_large_batch():
