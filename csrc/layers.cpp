@@ -111,6 +111,9 @@ void activation_delta_(at::Tensor& delta, const std::optional<at::Tensor>& first
                 ": tangent_in is required with curvature");
     check_like(op, "tangent_in", *tangent_in_arg, delta);
     check_tangent(op, "curvature", curvature, "tangent_in", *tangent_in_arg);
+    // the kernel reads tangent_in at delta's offsets: a different k would read past it
+    TORCH_CHECK(tangent_in_arg->sizes() == delta.sizes(), op, ": tangent_in must have delta's "
+                "shape ", shape_str(delta), " (the same k), got ", shape_str(*tangent_in_arg));
     tangent_in = tangent_in_arg->contiguous();
   }
   if ((!first.defined() && !curvature.defined()) || delta.numel() == 0) return;

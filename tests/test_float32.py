@@ -58,3 +58,31 @@ def test_float32_confident_model_keeps_its_digits(product):
     eps = torch.finfo(torch.float32).eps
     assert ours <= 2 * max(autograd, 8 * eps), (ours, autograd)
     assert ours < 1e-5, ours  # float32 autograd loses ~3 digits here (~1e-3)
+
+
+@pytest.mark.parametrize("name, module", [("tanh", torch.nn.Tanh()),
+                                          ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
+def test_float32_activation_derivatives_keep_their_digits_near_saturation(name, module):
+    # 1 - t*t in float32 keeps eps / (1 - t^2) of its digits (1e-4 relative at |u| = 4), and
+    # 1 + t as little near t = -1; the engines use sigma(2u) and 4 sigma'(2u) instead
+    from pyflat import ops
+    z64 = torch.linspace(2.0, 5.0, 301, dtype=torch.float64)
+    z64 = torch.cat([-z64, z64]).float().double()  # points float32 holds exactly
+    z = z64.clone().requires_grad_(True)
+    first, = torch.autograd.grad(module(z).sum(), z, create_graph=True)
+    second, = torch.autograd.grad(first.sum(), z)
+    _, ours_first, ours_second = ops.activation_forward(z64.float()[:, None], name, 0.0, 0.0,
+                                                        True)
+    # each derivative against the size of its terms: s'' of GELU crosses zero here
+    if name == "tanh":
+        u, du, z_scale = z64, torch.ones_like(z64), torch.zeros_like(z64)
+    else:
+        u = 0.7978845608028654 * (z64 + 0.044715 * z64 ** 3)
+        du, z_scale = 0.7978845608028654 * (1 + 3 * 0.044715 * z64 ** 2), z64.abs()
+    sech2 = 1 / torch.cosh(u) ** 2
+    scales = (first.abs() + z_scale * sech2 * du, sech2 * du * (1 + z_scale * du))
+    eps = torch.finfo(torch.float32).eps
+    for ours, exact, scale in zip((ours_first[:, 0], ours_second[:, 0]), (first, second),
+                                  scales):
+        error = ((ours.double() - exact).abs() / scale).max().item()
+        assert error <= 32 * eps, (name, error / eps)

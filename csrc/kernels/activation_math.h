@@ -117,9 +117,13 @@ PYFLAT_HOST_DEVICE ActivationValue<T> activation_eval(Activation kind, T z, T pa
       const T du = beta * (T(1) + T(3) * kappa * z * z);
       const T ddu = beta * T(6) * kappa * z;
       const T t = tanh(u);
-      const T sech2 = T(1) - t * t;
+      // (1 + t) / 2 = sigma(2u) and 1 - t^2 = 4 sigma'(2u): the forms of Tanh, which keep
+      // the digits that 1 + t and 1 - t*t lose near |t| = 1. The value stays PyTorch's.
+      T half_one_plus_t, quarter_sech2;
+      sigmoid_parts(T(2) * u, half_one_plus_t, quarter_sech2);
+      const T sech2 = T(4) * quarter_sech2;
       out.value = T(0.5) * z * (T(1) + t);
-      out.first = T(0.5) * (T(1) + t) + T(0.5) * z * sech2 * du;
+      out.first = half_one_plus_t + T(0.5) * z * sech2 * du;
       out.second = sech2 * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
       break;
     }
