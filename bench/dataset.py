@@ -44,7 +44,11 @@ def run(name, X, y, batch, cache_bytes, max_products):
                        progress=False)
     t_top = time.perf_counter() - start
     start = time.perf_counter()
-    trace = pyflat.adaptive_trace(H, 0.01, seed=0, max_products=max_products, progress=False)
+    # the sketch and two blocks must fit the budget: a quarter of it each, at most the defaults
+    share = max(2, min(16, max_products // 4))
+    trace = pyflat.adaptive_trace(H, 0.01, seed=0, max_products=max(max_products, 4 * share),
+                                  sketch_products=min(20, share), block_size=share,
+                                  progress=False)
     t_trace = time.perf_counter() - start
     return {"data": name, "samples": len(y), "batches": H.num_batches,
             "cache": H.cache_report["path"], "cached_batches": H.cache_report["cached_batches"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 
 from .operators import CurvatureOperator, forward_already_checked
@@ -37,12 +38,19 @@ def batches_of(data, batch_size: Optional[int], caller: str) -> Callable[[], Ite
         X, y = data
         if batch_size is None:
             return lambda: iter([(X, y)])
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise TypeError(f"{caller}: batch_size must be an int >= 1, got "
+                            f"{type(batch_size).__name__} {batch_size!r}")
+        if batch_size < 1:
             raise ValueError(f"{caller}: batch_size must be an int >= 1, got {batch_size!r}")
         if y.shape[:1] != X.shape[:1]:
             raise ValueError(f"{caller}: y must have shape ({X.shape[0]},) to match X, got "
                              f"{tuple(y.shape)}")
         return lambda: zip(X.split(batch_size), y.split(batch_size))
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(
+            isinstance(t, np.ndarray) for t in data):
+        raise TypeError(f"{caller}: data must be a pair (X, y) of torch tensors, got "
+                        f"{_describe(data)}; torch.from_numpy converts numpy arrays")
     if isinstance(data, (torch.Tensor, str, bytes)) or (
             isinstance(data, (tuple, list)) and len(data) == 2 and any(
                 isinstance(t, torch.Tensor) for t in data)):

@@ -65,9 +65,10 @@ def _check_operator(A, caller: str) -> int:
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         raise TypeError(f"{caller}: A must be a square linear operator or tensor with .shape "
                         f"(n, n), got {type(A).__name__} with shape {shape}")
-    if not hasattr(A, "dtype") or not hasattr(A, "device"):
-        raise TypeError(f"{caller}: A must have .dtype and .device (pyflat operators and "
-                        f"tensors do), got {type(A).__name__}")
+    if not isinstance(getattr(A, "dtype", None), torch.dtype) or not hasattr(A, "device"):
+        hint = "; torch.from_numpy(A) converts it" if type(A).__module__ == "numpy" else ""
+        raise TypeError(f"{caller}: A must be a pyflat operator or a torch.Tensor (a torch "
+                        f".dtype and a .device), got {type(A).__name__}{hint}")
     return int(shape[0])
 
 
@@ -79,13 +80,69 @@ def _generator(seed: Optional[int], generator: Optional[torch.Generator]) -> tor
     return torch.Generator().manual_seed(0 if seed is None else int(seed))
 
 
+class _Basis:
+    """The Lanczos vectors as rows, in chunks allocated as the run grows: extending never
+    copies, so memory peaks at the basis plus one chunk (the basis a run that is extended
+    in steps of s rows ends with, plus s rows), not at twice the basis."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.device = n, device
+        self.chunks: list[torch.Tensor] = []
+        self.capacity = 0
+
+    def reserve(self, rows: int) -> None:
+        if rows > self.capacity:
+            self.chunks.append(torch.zeros(rows - self.capacity, self.n, dtype=torch.float64,
+                                           device=self.device))
+            self.capacity = rows
+
+    def _pieces(self, rows: int):
+        """(start, chunk rows) covering the first ``rows`` rows."""
+        start = 0
+        for chunk in self.chunks:
+            if start >= rows:
+                return
+            yield start, chunk[: rows - start]
+            start += chunk.shape[0]
+
+    def row(self, j: int) -> torch.Tensor:
+        for start, piece in self._pieces(j + 1):
+            if j < start + piece.shape[0]:
+                return piece[j - start]
+        raise IndexError(j)
+
+    def set_row(self, j: int, q: torch.Tensor) -> None:
+        self.row(j).copy_(q)
+
+    def orthogonalize(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        """w minus its projection on the first ``rows`` rows, twice (twice is enough)."""
+        for _ in range(2):
+            coef = [piece @ w for _, piece in self._pieces(rows)]
+            for (_, piece), c in zip(self._pieces(rows), coef):
+                w = w - piece.T @ c
+        return w
+
+    def combine(self, S: torch.Tensor) -> torch.Tensor:
+        """Q[:m]^T S for S (m, k): Ritz vectors from the first m rows."""
+        out = torch.zeros(self.n, S.shape[1], dtype=torch.float64, device=self.device)
+        for start, piece in self._pieces(S.shape[0]):
+            out += piece.T @ S[start: start + piece.shape[0]].to(self.device)
+        return out
+
+    def rows(self, m: int) -> torch.Tensor:
+        """The first m rows as one (m, n) tensor: a view where one chunk holds them."""
+        pieces = [piece for _, piece in self._pieces(m)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 class _Lanczos:
     """The state of a Lanczos run that can be extended step by step."""
 
     def __init__(self, A, n: int, v0: Optional[torch.Tensor], gen: torch.Generator,
                  device: torch.device, capacity: int):
         self.A, self.n, self.gen, self.device = A, n, gen, device
-        self.Q = torch.zeros(capacity, n, dtype=torch.float64, device=device)
+        self.Q = _Basis(n, device)
+        self.Q.reserve(capacity)
         self.alpha: list[float] = []
         self.beta: list[float] = []
         self.breakdowns: list[int] = []
@@ -108,9 +165,7 @@ class _Lanczos:
         return len(self.alpha)
 
     def _orthogonalize(self, w: torch.Tensor, j: int) -> torch.Tensor:
-        for _ in range(2):  # twice is enough
-            w = w - self.Q[:j].T @ (self.Q[:j] @ w)
-        return w
+        return self.Q.orthogonalize(w, j)
 
     def _fresh_vector(self) -> Optional[torch.Tensor]:
         """A random unit vector orthogonal to the basis, or None if it spans everything."""
@@ -123,14 +178,11 @@ class _Lanczos:
         return None
 
     def run(self, until: int, bar=None) -> None:
-        if until > self.Q.shape[0]:  # grow the basis buffer
-            grown = torch.zeros(until, self.n, dtype=torch.float64, device=self.device)
-            grown[: self.steps] = self.Q[: self.steps]
-            self.Q = grown
+        self.Q.reserve(min(until, self.n))
         while self.steps < until and not self.exhausted:
             j = self.steps
             q = self.q
-            self.Q[j] = q
+            self.Q.set_row(j, q)
             w = self.A @ q.to(dtype=self.A.dtype, device=self.A.device)
             w = w.to(dtype=torch.float64, device=self.device)
             if not bool(torch.isfinite(w).all()):
@@ -138,7 +190,7 @@ class _Lanczos:
             a = float(torch.dot(q, w))
             w = w - a * q
             if j > 0:
-                w = w - self.beta[j - 1] * self.Q[j - 1]
+                w = w - self.beta[j - 1] * self.Q.row(j - 1)
             w = self._orthogonalize(w, j + 1)
             b = float(torch.linalg.vector_norm(w))
             self.scale = max(self.scale, abs(a) + b + (self.beta[j - 1] if j else 0.0))
@@ -163,7 +215,7 @@ class _Lanczos:
         m = self.steps
         return LanczosResult(torch.tensor(self.alpha, dtype=torch.float64),
                              torch.tensor(self.beta, dtype=torch.float64),
-                             self.Q[:m] if keep_basis else None, list(self.breakdowns))
+                             self.Q.rows(m) if keep_basis else None, list(self.breakdowns))
 
 
 def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
@@ -301,6 +353,8 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
             residual cannot drop much below the products' own error).
         ncv: Krylov dimension at the first convergence check (default max(2k + 1, 8), at
             most n); the space then grows by ncv // 2 (at least 4) steps per check.
+            Memory: the float64 basis, m x n x 8 bytes after m steps, and at most one
+            growth step of rows more; the basis grows in chunks, never by copying.
         maxiter: most Lanczos steps (products) in all (default min(n, max(10 ncv, 200))).
         progress: a progress bar on stderr (None: only on a terminal).
 
@@ -321,6 +375,9 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
     if not isinstance(maxiter, int) or maxiter < ncv:
         raise ValueError(f"pyflat.eigsh: maxiter must be an int >= ncv={ncv}, got {maxiter!r}")
     maxiter = min(maxiter, n)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        raise TypeError(f"pyflat.eigsh: tol must be a number >= 0 (0: 100 x the unit "
+                        f"roundoff), got {type(tol).__name__} {tol!r}")
     if tol < 0 or not math.isfinite(tol):
         raise ValueError(f"pyflat.eigsh: tol must be a finite number >= 0, got {tol!r}")
     rtol = tol if tol > 0 else 100 * torch.finfo(A.dtype).eps
@@ -330,7 +387,7 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
     bar = progress_bar(None, f"pyflat.eigsh k={k} {which}", progress)
     while True:
         state.run(target, bar)
-        res = state.result()
+        res = state.result(keep_basis=False)
         theta, S, bounds = res.ritz()
         idx = _select(theta, min(k, res.steps), which)
         norm_T = float(theta.abs().max())
@@ -347,5 +404,5 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
         target = min(maxiter, res.steps + max(ncv // 2, 4))
     vectors = None
     if return_eigenvectors:
-        vectors = res.basis.T @ S[:, idx].to(res.basis.device)
+        vectors = state.Q.combine(S[:, idx])
     return EigshResult(theta[idx], vectors, bounds[idx], converged, res.steps)

@@ -84,7 +84,8 @@ class CurvatureOperator(abc.ABC):
         if V.dim() != 2 or V.shape[0] != self._dim or V.shape[1] == 0:
             raise ValueError(f"{type(self).__name__}.matmat: expected a block of shape "
                              f"({self._dim}, k) with k >= 1, got {tuple(V.shape)}")
-        return self._matmat(V)
+        # directions are data: products are not differentiated through
+        return self._matmat(V.detach())
 
     def matvec(self, v: Vector) -> Vector:
         """Applies the operator to one direction: a flat (P,) vector, or a list of
@@ -95,7 +96,7 @@ class CurvatureOperator(abc.ABC):
         if v.dim() != 1 or v.shape[0] != self._dim:
             raise ValueError(f"{type(self).__name__}.matvec: expected a vector of shape "
                              f"({self._dim},), got {tuple(v.shape)}")
-        return self._matmat(v.view(-1, 1)).view(-1)
+        return self._matmat(v.detach().view(-1, 1)).view(-1)
 
     def _matvec_list(self, vs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(vs) != len(self.param_shapes):
@@ -220,9 +221,11 @@ class Restricted(CurvatureOperator):
     """
 
     def __init__(self, operator: CurvatureOperator, which: Sequence[Union[int, torch.Tensor]]):
+        if isinstance(which, (torch.Tensor, int)):  # one parameter, not a list of them
+            which = [which]
         which = list(which)
         if not which:
-            raise ValueError("restrict: give at least one parameter")
+            raise ValueError("restrict: which must name at least one parameter, got none")
         positions = []
         for item in which:
             if isinstance(item, torch.Tensor):
@@ -234,7 +237,10 @@ class Restricted(CurvatureOperator):
                     raise ValueError(f"restrict: a tensor of shape {tuple(item.shape)} is not "
                                      "one of the operator's parameters")
                 positions.append(match[0])
-            elif isinstance(item, int) and 0 <= item < len(operator.param_shapes):
+            elif isinstance(item, bool) or not isinstance(item, int):
+                raise TypeError(f"restrict: which holds parameter positions (ints) or the "
+                                f"parameter tensors, got {type(item).__name__} {item!r}")
+            elif 0 <= item < len(operator.param_shapes):
                 positions.append(item)
             else:
                 raise ValueError(f"restrict: parameters are given by position in [0, "
@@ -420,8 +426,10 @@ class _MLPCurvature(CurvatureOperator):
         self._dataset = None
         if reduction not in ("mean", "sum"):
             raise ValueError(f"{caller}: reduction must be 'mean' or 'sum', got {reduction!r}")
-        if not isinstance(weight_decay, (int, float)) or not np.isfinite(weight_decay) \
-                or weight_decay < 0:
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+            raise TypeError(f"{caller}: weight_decay must be a number (mu of mu I), got "
+                            f"{type(weight_decay).__name__} {weight_decay!r}")
+        if not np.isfinite(weight_decay) or weight_decay < 0:
             raise ValueError(f"{caller}: weight_decay must be a finite number >= 0, got "
                              f"{weight_decay!r}")
         if backend not in ("auto", "fused", "reference"):
@@ -481,6 +489,12 @@ class _MLPCurvature(CurvatureOperator):
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
         inputs = X
         X = spec.transform_input(X.detach().clone())  # ReLU(inplace=True) may come first
+        if X.dim() > 2 and X.shape[-1] == spec.in_features:
+            # torch applies Linear to the last axis (per token): a function the engine, which
+            # takes one row per sample, does not compute; the autograd backend judges it
+            raise TypeError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') gets X as "
+                            f"{tuple(X.shape)}, applied along its last axis; the MLP engine "
+                            "takes (batch, features) inputs (add nn.Flatten() to flatten)")
         if X.dim() != 2 or X.shape[1] != spec.in_features:
             raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
                              f"{spec.in_features} features per sample, but X becomes "

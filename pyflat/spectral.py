@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 
 from ._progress import progress_bar
@@ -129,9 +130,15 @@ class SpectralDensity:
         m = self.nodes.shape[1]
         if convention == "papyan":
             low, high = self.spectral_bounds()
+            # a spectrum of zero width (a zero operator, a multiple of the identity) would
+            # get a kernel of zero width; it gets a window of 1e-3 max(1, |lambda|) instead
+            least = 1e-3 * max(1.0, abs(low), abs(high))
+            if high - low < least:
+                center = (low + high) / 2
+                low, high = center - least / 2, center + least / 2
             pad = margin * (high - low)
             low, high = low - pad, high + pad
-            half = max((high - low) / 2, 1e-300)
+            half = (high - low) / 2
             sigma = half * 2 / max(m - 1, 1) / math.sqrt(8 * math.log(kappa))
         elif convention == "ghorbani":
             finite = torch.isfinite(self.nodes)
@@ -166,13 +173,14 @@ class SpectralDensity:
         d = self.density(**density_kwargs)
         grid, mean, err = d["grid"].numpy(), d["density"].numpy(), d["stderr"].numpy()
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-        lower = (mean - err).clip(min=floor)
-        ax.fill_between(grid, lower, mean + err, alpha=0.3, linewidth=0,
-                        label="± standard error over probes")
+        if np.isfinite(err).all():  # one probe has no error band
+            ax.fill_between(grid, (mean - err).clip(min=floor), mean + err, alpha=0.3,
+                            linewidth=0, label="± standard error over probes")
         ax.plot(grid, mean.clip(min=floor), linewidth=1.2, label="SLQ density")
         if log_scale:
             ax.set_yscale("log")
-            ax.set_ylim(floor, 3 * float((mean + err).max()))
+            top = float(np.nan_to_num(mean + err, posinf=0.0).max())
+            ax.set_ylim(floor, 3 * max(top, float(mean.max()), floor))
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
         s = self.settings

@@ -169,6 +169,13 @@ def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
                          f"{rel_stderr!r}")
     _check_count("sketch_products", sketch_products, 0, "pyflat.adaptive_trace")
     _check_count("block_size", block_size, 2, "pyflat.adaptive_trace")
+    _check_count("max_products", max_products, 1, "pyflat.adaptive_trace")
+    least = 2 * sketch_products + 2 * block_size
+    if max_products < least:
+        raise ValueError(f"pyflat.adaptive_trace: max_products must cover the sketch "
+                         f"(2 x sketch_products = {2 * sketch_products}) and two blocks "
+                         f"(2 x block_size = {2 * block_size}), at least {least}; got "
+                         f"{max_products}")
     gen = _generator(seed, generator)
     products = 0
     sketch = 0.0

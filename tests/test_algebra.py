@@ -79,3 +79,17 @@ def test_restriction_errors():
         H.restrict([7])
     with pytest.raises(ValueError, match="a parameter is named twice"):
         H.restrict([0, model[0].weight])
+    with pytest.raises(TypeError, match=r"which holds parameter positions \(ints\) or the "
+                                        r"parameter tensors, got bool True"):
+        H.restrict([True])
+    with pytest.raises(TypeError, match="got str '0'"):
+        H.restrict(["0"])
+    with pytest.raises(ValueError, match="which must name at least one parameter"):
+        H.restrict([])
+
+
+def test_restriction_to_one_parameter_given_alone():
+    model, data = setup()
+    H = pyflat.Hessian(model, data)
+    assert H.restrict(model[2].weight).param_shapes == H.restrict([2]).param_shapes
+    assert H.restrict(2).param_shapes == [model[2].weight.shape]

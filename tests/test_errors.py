@@ -159,10 +159,61 @@ def test_empty_batch():
     ({"reduction": "none"}, "reduction must be 'mean' or 'sum', got 'none'"),
     ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
     ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+    ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         pyflat.GGN(mlp(), data(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"weight_decay": True}, "weight_decay must be a number (mu of mu I), got bool True"),
+    ({"weight_decay": "0.1"}, "weight_decay must be a number (mu of mu I), got str '0.1'"),
+    ({"batch_size": True}, "batch_size must be an int >= 1, got bool True"),
+    ({"batch_size": 2.0}, "batch_size must be an int >= 1, got float 2.0"),
+])
+def test_options_of_the_wrong_type(kwargs, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        pyflat.GGN(mlp(), data(), **kwargs)
+
+
+def test_numpy_data_is_named():
+    X, y = data()
+    with pytest.raises(TypeError, match=r"data must be a pair \(X, y\) of torch tensors, got "
+                                        r"\(ndarray, ndarray\); torch.from_numpy converts"):
+        pyflat.GGN(mlp(), (X.numpy(), y.numpy()))
+
+
+def test_eigsh_arguments_of_the_wrong_type():
+    import numpy as np
+    G = pyflat.GGN(mlp(), data())
+    with pytest.raises(TypeError, match="tol must be a number >= 0 .*got NoneType None"):
+        pyflat.eigsh(G, k=1, tol=None)
+    with pytest.raises(TypeError, match="A must be a pyflat operator or a torch.Tensor .*got "
+                                        "ndarray; torch.from_numpy"):
+        pyflat.eigsh(np.eye(3), k=1)
+
+
+@pytest.mark.parametrize("kind", [pyflat.GGN, pyflat.Hessian])
+def test_vectors_that_require_grad_are_taken_as_data(kind):
+    G = kind(mlp(), data())
+    V = torch.randn(G.shape[0], 2, dtype=torch.float64)
+    expected = G @ V
+    for block in (V.clone().requires_grad_(True), V.clone().requires_grad_(True) * 1.0):
+        assert torch.equal(G @ block, expected)
+        assert torch.equal(G @ block[:, 0], expected[:, 0])
+
+
+def test_linear_on_tokens_goes_to_the_autograd_backend_which_names_the_output():
+    model = nn.Linear(4, 3).double()
+    X = torch.randn(8, 5, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match=r"gets X as \(8, 5, 4\), applied along its last axis"):
+        pyflat.GGN(model, (X, y), backend="fused")
+    with pytest.warns(UserWarning, match="Falling back"), \
+            pytest.raises(ValueError, match=r"logits of shape \(8, classes\), got \(8, 5, 3\); "
+                                            "token-level losses"):
+        pyflat.GGN(model, (X, y))
 
 
 # ---- vectors ----------------------------------------------------------------------------
@@ -291,3 +342,21 @@ def test_op_directions_and_prepared_lists_are_checked():
     with pytest.raises(RuntimeError, match=r"first_derivs\[0\] must be \[8, 6\], got \[4, 6\]"):
         ops.mlp_ggn_matmat(X, weights, biases, acts, broken,
                            torch.zeros(2, P, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("k_in", [1, 5])
+def test_op_activation_delta_tangent_k_must_be_deltas(k_in):
+    # the kernel reads tangent_in at delta's offsets: a smaller k read past its end
+    B, k, f = 4, 3, 6
+    delta = torch.ones(B, k, f, dtype=torch.float64)
+    first = torch.full((B, f), 2.0, dtype=torch.float64)
+    curvature = torch.ones(B, f, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=rf"activation_delta_: tangent_in must have delta's "
+                                           rf"shape \[{B}, {k}, {f}\] \(the same k\), got "
+                                           rf"\[{B}, {k_in}, {f}\]"):
+        ops.activation_delta_(delta, first, curvature, torch.ones(B, k_in, f,
+                                                                  dtype=torch.float64))
+    assert bool((delta == 1).all())  # nothing half written
+    ops.activation_delta_(delta, first, curvature, torch.full((B, k, f), 0.5,
+                                                              dtype=torch.float64))
+    assert bool((delta == 2.5).all())

@@ -213,3 +213,24 @@ def test_eigsh_finds_every_copy_of_a_repeated_top_eigenvalue(which, k):
     reference = scipy.sparse.linalg.eigsh(A.numpy(), k=k, which=which, tol=1e-12,
                                           return_eigenvectors=False)
     np.testing.assert_allclose(np.sort(reference), expected, rtol=0, atol=1e-8)
+
+
+def test_growing_the_krylov_space_never_copies_the_basis():
+    from pyflat.lanczos import _start
+    A = symmetric(torch.linspace(-1, 3, 60, dtype=torch.float64), seed=4)
+    state = _start(A, 60, None, 0, None, None, 8)
+    state.run(8)
+    first = state.Q.chunks[0].data_ptr()
+    for until in (12, 16, 30):
+        state.run(until)
+    # the rows written before stay where they were; capacity is what was asked, no more
+    assert state.Q.chunks[0].data_ptr() == first
+    assert state.Q.capacity == sum(c.shape[0] for c in state.Q.chunks) == 30
+    basis = state.result().basis
+    assert basis.shape == (30, 60)
+    assert torch.allclose(basis @ basis.T, torch.eye(30, dtype=torch.float64), atol=1e-12)
+    # one run to 30 steps gives the same numbers as the run grown in steps
+    whole = _start(A, 60, None, 0, None, None, 30)
+    whole.run(30)
+    assert torch.allclose(torch.tensor(whole.alpha), torch.tensor(state.alpha), rtol=0,
+                          atol=1e-12)

@@ -87,6 +87,22 @@ def test_plot_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("value", [0.0, 5.0, -1e-9])
+def test_a_spectrum_of_zero_width_has_a_finite_density_and_a_plot(value, tmp_path):
+    # every node equal: the kernel used to get zero width and the density 1e300
+    A = value * torch.eye(30, dtype=torch.float64)
+    d = pyflat.slq(A, 3, 10, seed=0)
+    r = d.density()
+    assert torch.isfinite(r["density"]).all()
+    grid, density = r["grid"], r["density"]
+    assert abs(float(grid[density.argmax()]) - value) <= 1e-3 * max(1.0, abs(value))
+    assert float(torch.trapezoid(density, grid)) == pytest.approx(1.0, abs=1e-3)
+    for probes in (3, 1):  # one probe: no error band
+        path = tmp_path / f"density-{probes}.png"
+        pyflat.slq(A, probes, 10, seed=0).plot(path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_slq_on_a_real_ggn_against_dense_eigendecomposition(digits_mlp):
     model, data = digits_mlp
     G = pyflat.GGN(model, data)

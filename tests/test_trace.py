@@ -104,3 +104,25 @@ def test_adaptive_trace_reports_a_budget_that_ran_out():
     assert est.converged is False and est.products <= 80
     with pytest.raises(ValueError, match=r"rel_stderr must be in \(0, 1\), got 0"):
         pyflat.adaptive_trace(A, 0)
+
+
+def test_adaptive_trace_keeps_the_sketch_within_max_products():
+    A = symmetric(torch.linspace(-1, 2, 50, dtype=torch.float64), seed=3)
+    calls = []
+
+    class Counting:
+        shape, dtype, device = A.shape, A.dtype, A.device
+
+        def __matmul__(self, V):
+            calls.append(V.shape[1] if V.dim() == 2 else 1)
+            return A @ V
+
+    with pytest.raises(ValueError, match=r"max_products must cover the sketch \(2 x "
+                                         r"sketch_products = 40\) and two blocks \(2 x "
+                                         r"block_size = 32\), at least 72; got 50"):
+        pyflat.adaptive_trace(Counting(), 1e-3, max_products=50, seed=0)
+    assert calls == []  # refused before any product
+    est = pyflat.adaptive_trace(Counting(), 1e-9, max_products=72, seed=0)
+    assert est.products == sum(calls) == 72 and est.converged is False
+    with pytest.raises(ValueError, match="max_products must be an int >= 1, got 0"):
+        pyflat.adaptive_trace(A, 0.1, max_products=0)
