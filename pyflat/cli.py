@@ -1,7 +1,10 @@
 """The ``pyflat`` command line: ``pyflat demo``, ``pyflat sharpness``, ``pyflat bench``.
 
-Errors a user can fix (a missing file, a bad entry point, an unsupported model) end in one
-line on stderr and exit status 2; ``--traceback`` shows the whole story.
+Errors a user can fix (a bad argument, a missing file, a bad entry point, a checkpoint that
+is not a state_dict, data that are not (X, y) batches, an unsupported model) end in one line
+on stderr and exit status 2; ``--traceback`` shows the whole story. What the arguments alone
+decide (their ranges, the device, where results go) is checked before any user code runs or
+any training starts.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import importlib.util
 import json
 import math
 import os
+import pickle
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,6 +33,101 @@ class UsageError(Exception):
     """A problem with what the user asked for, reported in one line."""
 
 
+class _ArgumentError(UsageError):
+    """An argument argparse refused, with the prog of the (sub)parser that refused it."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument ends in one line (no usage block) and ``main``
+    returns 2 instead of the parser exiting."""
+
+    def error(self, message: str):
+        raise _ArgumentError(self.prog, message)
+
+
+def _integer(minimum: int, why: str = ""):
+    """An argparse type: an integer >= minimum; ``why`` says where the minimum comes from."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            got = repr(text) if value is None else value
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{why}, got {got}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float, inclusive: bool):
+    """An argparse type: a finite float above minimum (or equal to it when inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < minimum or (
+                value == minimum and not inclusive):
+            got = repr(text) if value is None else text
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {got}")
+        return value
+
+    return parse
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    """The error's type and first line, cut to its first sentence when that line is long."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    line = lines[0]
+    if len(line) > limit:
+        end = line.find(". ", 0, limit)
+        line = line[:end + 1] if end > 0 else line[:limit - 3] + "..."
+    return f"{type(err).__name__}: {line}"
+
+
+def _writable_folder(path: Path, option: str) -> None:
+    """Creates ``path`` (and its parents) unless it exists, and proves a file can be
+    written in it, so that a run does not fail at its end for want of a place to write."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option}: {path} is a file; give a folder for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option}: cannot write in the folder {path}: "
+                         f"{err.strerror or err}") from None
+
+
+def _writable_file(path: Path, option: str) -> None:
+    """Proves ``path`` can be written (the file is opened for appending, which leaves an
+    existing file as it was, and a new one is removed again), before the work starts."""
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"{option}: cannot write {path}: {folder} {what}")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option}: cannot write {path}: {err.strerror or err}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------- demo
 
 def _digits(dtype: torch.dtype, train_size: int):
@@ -36,6 +137,10 @@ def _digits(dtype: torch.dtype, train_size: int):
         raise UsageError("pyflat demo needs scikit-learn for its bundled digits data: "
                          "pip install scikit-learn") from None
     data = load_digits()
+    images = len(data.target)
+    if train_size >= images:
+        raise UsageError(f"--train-size must leave test images: at most {images - 1} of the "
+                         f"{images:,} digits, got {train_size}")
     X = torch.tensor(data.data, dtype=dtype) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     # a fixed shuffled split: the file is ordered by writer, so the head alone is biased
@@ -84,7 +189,7 @@ def demo(args) -> int:
     dtype = torch.float64
     train, test = _digits(dtype, args.train_size)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _writable_folder(out, "--out")
     models = {
         "logreg": ("logistic regression 64-10",
                    lambda: nn.Sequential(nn.Linear(64, 10))),
@@ -199,7 +304,11 @@ def _load_entry(spec: str):
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise UsageError(f"--entry: {module_name!r} has no function {function_name!r}")
-    result = fn()
+    try:
+        result = fn()
+    except Exception as err:
+        raise UsageError(f"--entry: {spec} raised {_first_line(err)} (pyflat --traceback "
+                         f"sharpness ... shows where)") from err
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
         raise UsageError(f"--entry: {spec} must return (model, data) with model an nn.Module "
                          f"and data a batch (X, y) or an iterable of batches; got "
@@ -207,51 +316,132 @@ def _load_entry(spec: str):
     return result
 
 
-class _Moved:
-    """An iterable of batches moved to a device and dtype as they come."""
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        keys = ", ".join(repr(k) for k in list(value)[:4]) + (", ..." if len(value) > 4 else "")
+        return f"a dict (keys {keys})"
+    if isinstance(value, (tuple, list)):
+        return (f"a {type(value).__name__} of {len(value)} "
+                f"({', '.join(type(v).__name__ for v in value[:4])}"
+                + (", ...)" if len(value) > 4 else ")"))
+    return f"a {type(value).__name__}"
 
-    def __init__(self, batches, device, dtype):
-        self.batches, self.device, self.dtype = batches, device, dtype
+
+def _pair(batch, entry: str, what: str):
+    """``batch`` as (X, y), or the one line that says what came instead."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and all(
+            isinstance(t, torch.Tensor) for t in batch):
+        return batch
+    raise UsageError(f"--entry: {what} of {entry} must be a pair (X, y) of tensors, got "
+                     f"{_describe(batch)}")
+
+
+def _moved(X: torch.Tensor, y: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    # token ids stay integers; inputs take the model's dtype
+    X = X.to(device, dtype) if X.is_floating_point() else X.to(device)
+    return X, y.to(device)
+
+
+class _Moved:
+    """An iterable of batches checked and moved to a device and dtype as they come."""
+
+    def __init__(self, batches, entry: str, device, dtype):
+        self.batches, self.entry, self.device, self.dtype = batches, entry, device, dtype
 
     def __iter__(self):
-        for X, y in self.batches:
-            # token ids stay integers; inputs take the model's dtype
-            X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
-            yield X, y.to(self.device)
+        for batch in self.batches:
+            yield _moved(*_pair(batch, self.entry, "each batch of the data"), self.device,
+                         self.dtype)
+
+
+def _device(name: str) -> torch.device:
+    """``--device`` as a torch.device where tensors can live and hold values."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device must be cpu, cuda or cuda:<index>, got {name!r}") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds shapes but no values, so there is nothing to "
+                         "measure: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is visible to torch")
+    try:
+        torch.empty(1, device=device)
+    except Exception as err:
+        raise UsageError(f"--device {name} is not usable here: {_first_line(err)}") from None
+    return device
+
+
+def _load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Loads a state_dict (or a dict holding one under "state_dict") into ``model``; reads
+    tensors only (``weights_only``), never runs code from the file."""
+    if not path.is_file():
+        raise UsageError(f"--checkpoint: no such file: {path}")
+    if path.stat().st_size == 0:
+        raise UsageError(f"--checkpoint: {path} is empty")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise UsageError(f"--checkpoint: {path} holds a pickled {found.group(1)}, not a "
+                             "state_dict (was it saved with torch.save(model)?); save "
+                             "model.state_dict() instead: pyflat loads tensors only") from err
+        raise UsageError(f"--checkpoint: {path} is not a file torch.save wrote (or it is "
+                         "damaged): torch.load cannot read it") from err
+    except Exception as err:
+        raise UsageError(f"--checkpoint: {path} is not a file torch.save wrote (or it is "
+                         f"damaged): torch.load says {_first_line(err)}") from err
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        raise UsageError(f"--checkpoint: {path} does not fit the model: {detail}") from None
 
 
 def sharpness_command(args) -> int:
     import pyflat
 
+    # everything the arguments alone decide, before the user's code loads data
+    device = _device(args.device)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    if args.with_l2 and args.weight_decay <= 0:
+        raise UsageError(f"--with-l2 measures CE + mu/2 |theta|^2 and needs --weight-decay > 0, "
+                         f"got {args.weight_decay:g}")
+    if args.out:
+        _writable_file(Path(args.out), "--out")
     model, data = _load_entry(args.entry)
     if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            raise UsageError(f"--checkpoint: no such file: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as err:
-            raise UsageError(f"--checkpoint: {path} does not fit the model: "
-                             f"{str(err).splitlines()[0]}") from None
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+        _load_checkpoint(model, Path(args.checkpoint))
     model = model.to(device=device, dtype=dtype).eval()
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+    if isinstance(data, (tuple, list)) and len(data) == 2 and any(
             isinstance(t, torch.Tensor) for t in data):
-        X = data[0].to(device, dtype) if data[0].is_floating_point() else data[0].to(device)
-        data = (X, data[1].to(device))
+        data = first = _moved(*_pair(data, args.entry, "the batch (X, y)"), device, dtype)
     elif hasattr(data, "__next__"):
         # products read the batches many times; an iterator would be empty after the first
         raise UsageError(f"--entry: {args.entry} returned an iterator or generator of batches, "
                          "which can be read only once; return a list of batches or a "
                          "DataLoader")
+    elif not hasattr(data, "__iter__") or isinstance(data, (torch.Tensor, str, bytes, dict)):
+        raise UsageError(f"--entry: the data of {args.entry} must be a batch (X, y) or an "
+                         f"iterable of (X, y) batches (a list, a DataLoader), got "
+                         f"{_describe(data)}")
     else:
-        data = _Moved(data, device, dtype)
+        data = _Moved(data, args.entry, device, dtype)
+        first = next(iter(data), None)
+        if first is None:
+            raise UsageError(f"--entry: the data of {args.entry} has no batches")
+    # one forward pass on one batch finds a model that does not fit its data cheaply
+    try:
+        with torch.no_grad():
+            model(first[0].clone())
+    except Exception as err:
+        raise UsageError(f"--entry: the model of {args.entry} fails on the first batch: "
+                         f"{_first_line(err)}") from err
     try:
         report = pyflat.sharpness(model, data, curvature=args.curvature,
                                   weight_decay=args.weight_decay, with_l2=args.with_l2,
@@ -269,10 +459,18 @@ def sharpness_command(args) -> int:
 
 def bench(args) -> int:
     try:
-        from bench import sweep
-    except ImportError:
-        raise UsageError("pyflat bench runs the benchmark sweep in a source checkout's bench/ "
-                         "folder: run it from the repository root") from None
+        from pyflat.bench import sweep  # an installed wheel ships bench/ as pyflat.bench
+    except ModuleNotFoundError as err:
+        if err.name != "pyflat.bench":
+            raise
+        try:
+            from bench import sweep  # a source checkout, run from its root
+        except ModuleNotFoundError as err:
+            if err.name != "bench":
+                raise
+            raise UsageError("pyflat bench: the benchmark sweep (bench/) is missing from this "
+                             "install; reinstall pyflat or run from the repository root") \
+                from None
     argv = ["--out", args.out, "--device", args.device]
     if args.quick:
         argv += ["--models", "mlp128", "cnn", "--batches", "256", "--ks", "1", "4",
@@ -287,8 +485,11 @@ def bench(args) -> int:
 
 # --------------------------------------------------------------------------- main
 
+_HUTCHPP_MINIMUM = " (Hutch++ spends them in three equal parts of at least 2)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyflat", description="Fast, exact curvature of cross-entropy networks.")
     parser.add_argument("--traceback", action="store_true",
                         help="show the full traceback of an error")
@@ -301,16 +502,23 @@ def _parser() -> argparse.ArgumentParser:
                        "entropy alone and with the L2 term) and writes JSON and spectral-"
                        "density plots.")
     d.add_argument("--out", default="pyflat-demo", help="output folder (default: pyflat-demo)")
-    d.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 1e-3, 1e-2],
-                   help="the L2 coefficients mu of CE + mu/2 |theta|^2 (default: 0 1e-3 1e-2)")
-    d.add_argument("--steps", type=int, default=1000, help="full-batch Adam steps")
-    d.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
-    d.add_argument("--width", type=int, default=32, help="hidden width of the MLP")
-    d.add_argument("--train-size", type=int, default=1200, help="training images (of 1,797)")
-    d.add_argument("--trace-products", type=int, default=99, help="Hutch++ products")
-    d.add_argument("--frobenius-probes", type=int, default=30)
-    d.add_argument("--slq-probes", type=int, default=10)
-    d.add_argument("--slq-steps", type=int, default=80)
+    d.add_argument("--weight-decays", type=_number(0.0, inclusive=True), nargs="+",
+                   default=[0.0, 1e-3, 1e-2],
+                   help="the L2 coefficients mu >= 0 of CE + mu/2 |theta|^2 (default: 0 1e-3 "
+                        "1e-2)")
+    d.add_argument("--steps", type=_integer(0), default=1000,
+                   help="full-batch Adam steps (0: measure the initialisation)")
+    d.add_argument("--lr", type=_number(0.0, inclusive=False), default=0.02,
+                   help="Adam learning rate")
+    d.add_argument("--width", type=_integer(1), default=32, help="hidden width of the MLP")
+    d.add_argument("--train-size", type=_integer(1), default=1200,
+                   help="training images (of 1,797; the rest are the test set)")
+    d.add_argument("--trace-products", type=_integer(6, _HUTCHPP_MINIMUM), default=99,
+                   help="Hutch++ products, used in three equal parts (at least 6)")
+    d.add_argument("--frobenius-probes", type=_integer(2, " (a standard error needs 2)"),
+                   default=30)
+    d.add_argument("--slq-probes", type=_integer(1), default=10)
+    d.add_argument("--slq-steps", type=_integer(1), default=80)
     d.set_defaults(run=demo)
 
     s = sub.add_parser("sharpness", help="the sharpness report of your model and data",
@@ -321,12 +529,13 @@ def _parser() -> argparse.ArgumentParser:
                         "data is a batch (X, y) or an iterable of batches")
     s.add_argument("--checkpoint", help="a state_dict saved with torch.save, loaded into model")
     s.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--weight-decay", type=_number(0.0, inclusive=True), default=0.0,
+                   help="mu >= 0 of the L2 term mu/2 |theta|^2")
     s.add_argument("--with-l2", action="store_true",
                    help="measure CE + mu/2 |theta|^2 instead of the cross-entropy alone")
-    s.add_argument("--k", type=int, default=5, help="top eigenvalues")
+    s.add_argument("--k", type=_integer(1), default=5, help="top eigenvalues")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index>")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     s.add_argument("--out", help="write the report as JSON here")
     s.set_defaults(run=sharpness_command)
@@ -335,7 +544,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Sweeps models (MLPs of two widths, a CNN), batch sizes and "
                        "k, timing pyflat against torch.func and double-backward autograd, each "
                        "checked against the float64 reference first; writes sweep.json, "
-                       "sweep.md and sweep.png. Run from a source checkout (bench/).")
+                       "sweep.md and sweep.png.")
     b.add_argument("--out", default="bench/results")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--quick", action="store_true", help="fewer models, one batch size")
@@ -349,7 +558,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as err:
+        _report(err.prog, err)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -358,8 +571,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as err:
         if args.traceback:
             raise
-        print(f"pyflat {args.command}: error: {err}", file=sys.stderr)
+        _report(f"pyflat {args.command}", err)
         return 2
+
+
+def _report(prog: str, err: UsageError) -> None:
+    """The one line on stderr, whatever line breaks the message brought along."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    print(f"{prog}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from .cli import UsageError, _writable_file
 from .lanczos import eigsh
 from .operators import GGN, Hessian
 
@@ -160,6 +162,12 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write all results as JSON here")
     args = parser.parse_args(argv)
+    if args.out:
+        try:  # before the minute of work, not after it
+            _writable_file(Path(args.out), "--out")
+        except UsageError as err:
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 2
     results = [last_layer_scaling(), logistic_regression_rank(), outliers()]
     scaling, rank, top = results
     print(f"1. Last-layer scaling (MLP 64-32-10, 500 digits, train accuracy "

@@ -1,11 +1,12 @@
 """The command line: the demo end to end (small), the sharpness command, clear errors."""
 import json
+import os
 import re
 
 import pytest
 import torch
 
-from pyflat import cli
+from pyflat import cli, paper
 
 ENTRY = '''
 import torch
@@ -29,6 +30,25 @@ def generator():
 
 def not_a_pair():
     return 3
+
+def raises():
+    raise FileNotFoundError("no data at /datasets/digits")
+
+def dict_batches():
+    model, (X, y) = build()
+    return model, [{"image": X[:6], "label": y[:6]}, {"image": X[6:], "label": y[6:]}]
+
+def labels_as_list():
+    model, (X, y) = build()
+    return model, (X, y.tolist())
+
+def no_batches():
+    model, _ = build()
+    return model, []
+
+def wrong_input_size():
+    model, (X, y) = build()
+    return model, (X[:, :, :4], y)
 '''
 
 
@@ -83,7 +103,7 @@ def test_sharpness_command_prints_and_writes_json(entry, tmp_path, capsys):
     assert "HESSIAN" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, message", [
+SHARPNESS_ERRORS = [
     (["--entry", "nowhere.py:build"], "--entry: no such file: nowhere.py"),
     (["--entry", "build"], "--entry must be 'module:function'"),
     (["--entry", "no_such_module_xyz:build"], "--entry: cannot import 'no_such_module_xyz'"),
@@ -91,14 +111,185 @@ def test_sharpness_command_prints_and_writes_json(entry, tmp_path, capsys):
     (["--entry", "{entry}:not_a_pair"], "must return \\(model, data\\)"),
     (["--entry", "{entry}:build", "--checkpoint", "nope.pt"], "--checkpoint: no such file"),
     (["--entry", "{entry}:generator"], "can be read only once.*list of batches"),
-])
-def test_errors_are_one_line_and_exit_2(entry, args, message, capsys):
-    args = [a.replace("{entry}", str(entry)) for a in args]
+    (["--entry", "{entry}:raises"], "--entry: .*my_model.py:raises raised FileNotFoundError: no "
+                                    "data at /datasets/digits \\(pyflat --traceback"),
+    (["--entry", "{entry}:dict_batches"], "each batch of the data of .*:dict_batches must be a "
+                                          "pair \\(X, y\\) of tensors, got a dict \\(keys "
+                                          "'image', 'label'\\)"),
+    (["--entry", "{entry}:labels_as_list"], "must be a pair \\(X, y\\) of tensors, got a "
+                                            "tuple of 2 \\(Tensor, list\\)"),
+    (["--entry", "{entry}:no_batches"], "the data of .*:no_batches has no batches"),
+    (["--entry", "{entry}:wrong_input_size"], "the model of .* fails on the first batch: "
+                                              "RuntimeError: mat1 and mat2"),
+    # what the arguments alone decide is refused before the entry's build() runs
+    (["--entry", "{entry}:raises", "--device", "nonsense"],
+     "--device must be cpu, cuda or cuda:<index>, got 'nonsense'$"),
+    (["--entry", "{entry}:raises", "--device", "meta"],
+     "--device meta holds shapes but no values, so there is nothing to measure: use cpu or "
+     "cuda$"),
+    (["--entry", "{entry}:raises", "--with-l2"],
+     "--with-l2 measures CE \\+ mu/2 \\|theta\\|\\^2 and needs --weight-decay > 0, got 0$"),
+    (["--entry", "{entry}:raises", "--k", "0"], "argument --k: must be an integer >= 1, got 0$"),
+    (["--entry", "{entry}:raises", "--weight-decay", "-1"],
+     "argument --weight-decay: must be a finite number >= 0, got -1$"),
+    (["--entry", "{entry}:raises", "--weight-decay", "nan"],
+     "argument --weight-decay: must be a finite number >= 0, got nan$"),
+    (["--entry", "{entry}:raises", "--out", "{entry}/report.json"],
+     "--out: cannot write .*my_model.py/report.json: .*my_model.py is a file, not a folder$"),
+    (["--entry", "{entry}:raises", "--out", "{tmp}/no/such/folder/report.json"],
+     "--out: cannot write .*/report.json: .*/no/such/folder does not exist$"),
+    (["--entry", "{entry}:raises", "--out", "{tmp}"], "--out: .* is a folder; give a file name$"),
+]
+
+
+@pytest.mark.parametrize("args, message", SHARPNESS_ERRORS,
+                         ids=[" ".join(a).replace("{entry}:", "") for a, _ in SHARPNESS_ERRORS])
+def test_errors_are_one_line_and_exit_2(entry, tmp_path, args, message, capsys):
+    args = [a.replace("{entry}", str(entry)).replace("{tmp}", str(tmp_path)) for a in args]
     assert cli.main(["sharpness", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1, err
     assert re.search(message, err), err
     assert err.startswith("pyflat sharpness: error: ")
+    assert captured.out == ""  # nothing measured, nothing printed
+
+
+def test_traceback_shows_the_error_of_the_entry(entry):
+    with pytest.raises(cli.UsageError, match="raised FileNotFoundError") as raised:
+        cli.main(["--traceback", "sharpness", "--entry", f"{entry}:raises"])
+    assert isinstance(raised.value.__cause__, FileNotFoundError)
+
+
+def test_out_is_checked_before_the_work_and_left_as_it_was(entry, tmp_path, capsys):
+    existing = tmp_path / "existing.json"
+    existing.write_text("kept\n")
+    assert cli.main(["sharpness", "--entry", f"{entry}:raises", "--out", str(existing)]) == 2
+    assert existing.read_text() == "kept\n"
+    fresh = tmp_path / "fresh.json"
+    assert cli.main(["sharpness", "--entry", f"{entry}:raises", "--out", str(fresh)]) == 2
+    assert not fresh.exists()
+    assert "raised FileNotFoundError" in capsys.readouterr().err
+
+
+def test_out_in_a_read_only_folder(entry, tmp_path, capsys):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user writes in read-only folders (root with CAP_DAC_OVERRIDE)")
+        assert cli.main(["sharpness", "--entry", f"{entry}:raises", "--out",
+                         str(folder / "report.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"pyflat sharpness: error: --out: cannot write {folder / 'report.json'}: " \
+                      "Permission denied"
+        assert cli.main(["demo", "--out", str(folder / "demo")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"pyflat demo: error: --out: cannot write in the folder "
+                       f"{folder / 'demo'}: Permission denied")
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("whole model", "holds a pickled torch.nn.modules.container.Sequential, not a state_dict "
+                    "\\(was it saved with torch.save\\(model\\)\\?\\); save "
+                    "model.state_dict\\(\\) instead"),
+    ("corrupt", "is not a file torch.save wrote \\(or it is damaged\\): torch.load cannot "
+                "read it$"),
+    ("truncated", "is not a file torch.save wrote \\(or it is damaged\\): torch.load says "),
+    ("empty", "is empty$"),
+], ids=["whole model", "corrupt", "truncated", "empty"])
+def test_checkpoint_that_is_not_a_state_dict(entry, tmp_path, kind, message, capsys):
+    ckpt = tmp_path / "weights.pt"
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(48, 4))
+    if kind == "whole model":
+        torch.save(model, ckpt)
+    elif kind == "corrupt":
+        ckpt.write_bytes(b"not a checkpoint " * 8)
+    elif kind == "truncated":
+        torch.save(model.state_dict(), ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    else:
+        ckpt.write_bytes(b"")
+    assert cli.main(["sharpness", "--entry", f"{entry}:build", "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"pyflat sharpness: error: --checkpoint: {ckpt} "), err
+    assert re.search(message, err), err
+
+
+# the smallest demo: every refusal below must come before it trains anything
+SMALL_DEMO = ["--steps", "1", "--train-size", "20", "--width", "2", "--weight-decays", "0",
+              "--trace-products", "6", "--frobenius-probes", "2", "--slq-probes", "1",
+              "--slq-steps", "2"]
+
+
+DEMO_REFUSALS = [
+    (["--train-size", "0"], "argument --train-size: must be an integer >= 1, got 0"),
+    (["--train-size", "1797"], "--train-size must leave test images: at most 1796 of the "
+                               "1,797 digits, got 1797"),
+    (["--train-size", "5000"], "--train-size must leave test images: at most 1796 of the "
+                               "1,797 digits, got 5000"),
+    (["--width", "0"], "argument --width: must be an integer >= 1, got 0"),
+    (["--width", "abc"], "argument --width: must be an integer >= 1, got 'abc'"),
+    (["--steps", "-5"], "argument --steps: must be an integer >= 0, got -5"),
+    (["--slq-steps", "0"], "argument --slq-steps: must be an integer >= 1, got 0"),
+    (["--slq-probes", "0"], "argument --slq-probes: must be an integer >= 1, got 0"),
+    (["--frobenius-probes", "1"], "argument --frobenius-probes: must be an integer >= 2 "
+                                  "(a standard error needs 2), got 1"),
+    (["--trace-products", "2"], "argument --trace-products: must be an integer >= 6 "
+                                "(Hutch++ spends them in three equal parts of at least 2), "
+                                "got 2"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0"),
+    (["--weight-decays", "0", "-1"], "argument --weight-decays: must be a finite number >= 0, "
+                                     "got -1"),
+    (["--weight-decays", "inf"], "argument --weight-decays: must be a finite number >= 0, "
+                                 "got inf"),
+]
+
+
+@pytest.mark.parametrize("args, message", DEMO_REFUSALS,
+                         ids=[" ".join(a) for a, _ in DEMO_REFUSALS])
+def test_demo_refuses_nonsense_before_training(tmp_path, args, message, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), *SMALL_DEMO, *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"pyflat demo: error: {message}"
+    assert captured.out == "" and not out.exists()
+
+
+def test_demo_out_that_cannot_be_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    assert cli.main(["demo", "--out", str(a_file / "demo"), *SMALL_DEMO]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pyflat demo: error: --out: cannot write in the folder {a_file / 'demo'}: "
+        "Not a directory")
+    assert cli.main(["demo", "--out", str(a_file), *SMALL_DEMO]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"pyflat demo: error: --out: {a_file} is a file; give a folder for the results")
+
+
+def test_argument_errors_are_one_line(capsys):
+    assert cli.main(["sharpness"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyflat sharpness: error: the following arguments are required: --entry")
+    assert cli.main(["demo", "--no-such-option"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyflat: error: unrecognized arguments: --no-such-option")
+
+
+def test_paper_out_is_checked_before_the_experiments(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("")
+    assert paper.main(["--out", str(a_file / "paper.json")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"python -m pyflat.paper: error: --out: cannot write {a_file / 'paper.json'}: "
+        f"{a_file} is a file, not a folder")
 
 
 def test_checkpoint_that_does_not_fit(entry, tmp_path, capsys):
