@@ -103,7 +103,9 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["pyflat", "pyflat.*"]),
+    # bench/ ships as pyflat.bench, so `pyflat bench` runs from any install
+    packages=find_packages(include=["pyflat", "pyflat.*"]) + ["pyflat.bench"],
+    package_dir={"pyflat.bench": "bench"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
