@@ -1,5 +1,6 @@
 """Every refusal names the argument, what was expected and what came."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -76,9 +77,19 @@ def test_model_must_be_a_module():
         pyflat.GGN(nn.ReLU(), data(), backend="reference")
 
 
-def test_model_dtype_must_be_floating():
-    with pytest.raises(TypeError, match="the model must be float32 or float64, got torch.float16"):
-        pyflat.GGN(mlp().half(), data())
+def _convnet():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "fused", "reference"])
+@pytest.mark.parametrize("make", [mlp, _convnet], ids=["mlp", "convnet"])
+def test_half_precision_models_are_refused_by_every_backend(make, backend, dtype):
+    # one rule for MLPs and convnets: curvature in half precision keeps about 3 digits
+    model = make().to(dtype)
+    X = torch.randn(4, 4, dtype=dtype) if make is mlp else torch.randn(4, 1, 6, 6, dtype=dtype)
+    with pytest.raises(TypeError, match=f"the model must be float32 or float64, got {dtype}"):
+        pyflat.GGN(model, (X, torch.tensor([0, 1, 2, 0])), backend=backend)
 
 
 def test_non_finite_parameter_is_named():
@@ -360,3 +371,15 @@ def test_op_activation_delta_tangent_k_must_be_deltas(k_in):
     ops.activation_delta_(delta, first, curvature, torch.full((B, k, f), 0.5,
                                                               dtype=torch.float64))
     assert bool((delta == 2.5).all())
+
+
+@pytest.mark.parametrize("make", [mlp, _convnet], ids=["mlp", "convnet"])
+def test_data_of_another_dtype_is_a_data_error_not_a_fallback(make):
+    # not "unsupported model, falling back": the autograd backend would refuse it too
+    model = make().double()
+    X = torch.randn(4, 4) if make is mlp else torch.randn(4, 1, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TypeError, match="X must have the model's dtype torch.float64, got "
+                                            "torch.float32"):
+            pyflat.GGN(model, (X, torch.tensor([0, 1, 2, 0])))
