@@ -19,7 +19,7 @@ from .lanczos import eigsh
 from .dataset import batches_of
 from .operators import GGN, Hessian
 from .spectral import slq
-from .trace import frobenius_norm, hutchpp_trace
+from .trace import _check_count, frobenius_norm, hutchpp_trace
 
 __all__ = ["SharpnessReport", "sharpness"]
 
@@ -122,6 +122,15 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"pyflat.sharpness: curvature must be 'hessian' or 'ggn', got "
                          f"{curvature!r}")
+    # every count before the first product: a bad one must not cost a Lanczos run first
+    for name, value, least in (("k", k, 1), ("trace_products", trace_products, 6),
+                               ("frobenius_probes", frobenius_probes, 2),
+                               ("slq_probes", slq_probes, 1), ("slq_steps", slq_steps, 1)):
+        _check_count(name, value, least, "pyflat.sharpness")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or \
+            not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"pyflat.sharpness: weight_decay must be a finite number >= 0, got "
+                         f"{weight_decay!r}")
     if with_l2 and weight_decay <= 0:
         raise ValueError("pyflat.sharpness: with_l2=True needs weight_decay > 0, got "
                          f"{weight_decay!r}")

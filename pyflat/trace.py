@@ -59,7 +59,7 @@ def _apply_blocks(A, V: torch.Tensor, block_size: Optional[int]) -> torch.Tensor
 
 
 def _check_count(name: str, value, minimum: int, caller: str) -> None:
-    if not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{caller}: {name} must be an int >= {minimum}, got {value!r}")
 
 

@@ -1,5 +1,6 @@
 """The sharpness report against dense eigendecompositions of a trained digits MLP."""
 import json
+import re
 
 import pytest
 import torch
@@ -86,3 +87,18 @@ def test_sharpness_errors(digits_mlp):
         pyflat.sharpness(model, data, curvature="fisher")
     with pytest.raises(ValueError, match="with_l2=True needs weight_decay > 0"):
         pyflat.sharpness(model, data, with_l2=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"k": 0}, "k must be an int >= 1, got 0"),
+    ({"trace_products": 2}, "trace_products must be an int >= 6, got 2"),
+    ({"frobenius_probes": 1}, "frobenius_probes must be an int >= 2, got 1"),
+    ({"slq_probes": True}, "slq_probes must be an int >= 1, got True"),
+    ({"slq_steps": 0}, "slq_steps must be an int >= 1, got 0"),
+    ({"weight_decay": -1.0}, "weight_decay must be a finite number >= 0, got -1.0"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+])
+def test_sharpness_checks_its_counts_before_any_product(kwargs, message):
+    # data=None would be refused by the operator: the count must be named first
+    with pytest.raises(ValueError, match="pyflat.sharpness: " + re.escape(message)):
+        pyflat.sharpness(torch.nn.Linear(4, 3).double(), None, **kwargs)
