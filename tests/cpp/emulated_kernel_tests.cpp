@@ -214,6 +214,7 @@ void softmax(const char* type) {
         target[n] = static_cast<int64_t>(rng() % C);
         if (C > 1 && n % 3 == 1) logits[n * C + C - 1] = logits[n * C];  // a tied maximum
         if (n % 5 == 2) logits[n * C + (C - 1) / 2] = T(80);             // a confident row
+        if (n % 7 == 3) logits[n * C + C / 3] = T(1000);  // exp overflows off the max pivot
       }
       const std::string sizes = "rows " + std::to_string(rows) + " C " + std::to_string(C);
       const int64_t n = rows * C;
