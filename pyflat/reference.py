@@ -1,9 +1,10 @@
 """Autograd ground truth: every product of pyflat, computed by torch.func / autograd.
 
 This module is the oracle of the tests and the baseline of the benchmarks. It never
-touches the engine: it calls the model's own forward through
-``torch.func.functional_call``, so any model works here, fused engine or not (attention
-runs on its math path, which forward-mode AD supports). The loss Hessian of the GGN is
+touches the engine: it calls the model's own forward with its parameters and buffers
+swapped for the transform's inputs (as ``torch.func.functional_call`` does, but each module
+slot once: see :func:`_substituted`), so any model works here, fused engine or not
+(attention runs on its math path, which forward-mode AD supports). The loss Hessian of the GGN is
 its own cancellation-free form (:func:`cross_entropy_hessian_matmat`), not autograd's.
 
 Vectors use the flat layout of the operators: the parameters of ``model.parameters()``
@@ -13,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
+from torch.func import grad, jvp, linearize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .operators import CurvatureOperator
@@ -73,6 +74,13 @@ class CurvatureFunctions:
         self.param_tuple = tuple(p.detach().clone() for _, p in named)
         self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        # every name each tensor is reached by (a tied weight has several): the index of
+        # its replacement, parameters first, then buffers
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        index.update({id(b): len(named) + i for i, (_, b) in enumerate(model.named_buffers())})
+        self.slots = {name: index[id(t)] for named_tensors in (
+            model.named_parameters(remove_duplicate=False),
+            model.named_buffers(remove_duplicate=False)) for name, t in named_tensors}
         # and in the modes they are in now: model.train() later must not switch BatchNorm
         # to batch statistics (or Dropout to fresh masks) inside a product
         self.modes = [(m, m.training) for m in model.modules()]
@@ -90,9 +98,10 @@ class CurvatureFunctions:
 
     def logits(self, *params: torch.Tensor) -> torch.Tensor:
         # every product runs the forward here; its kernels fix the derivatives used
-        with autograd_friendly_attention(), _modes(self.modes):
-            return functional_call(self.model, {**self.buffers, **dict(zip(self.names, params))},
-                                   (self.X.clone(),))  # a forward may write to its input
+        tensors = params + tuple(self.buffers.values())
+        with autograd_friendly_attention(), _modes(self.modes), \
+                _substituted(self.model, self.slots, tensors):
+            return self.model(self.X.clone())  # a forward may write to its input
 
     def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, self.y, reduction=self.reduction)
@@ -174,6 +183,34 @@ def _modes(modes: list[tuple[nn.Module, bool]]):
     finally:
         for m, training in now:
             m.training = training
+
+
+@contextlib.contextmanager
+def _substituted(model: nn.Module, slots: dict[str, int], tensors: tuple[torch.Tensor, ...]):
+    """``model`` computing with ``tensors[slots[name]]`` as its parameter or buffer
+    ``name`` for the duration, and its own tensors back afterwards, exceptions included.
+
+    Each module slot is swapped once, however many paths reach it: torch.func's
+    functional_call swaps a module called twice (reached by two paths) twice, and under jvp
+    restores it with the transform's wrapper in place of the Parameter (torch 2.13). Every
+    name a tied tensor is reached by maps to the same replacement, so all its uses follow.
+    """
+    swapped: list[tuple[dict, str, Optional[torch.Tensor]]] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for path, module in model.named_modules(remove_duplicate=False):
+            for table in (module._parameters, module._buffers):
+                for name in list(table):
+                    full = f"{path}.{name}" if path else name
+                    if full not in slots or (id(table), name) in seen:
+                        continue
+                    seen.add((id(table), name))
+                    swapped.append((table, name, table[name]))
+                    table[name] = tensors[slots[full]]
+        yield
+    finally:
+        for table, name, original in reversed(swapped):
+            table[name] = original
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """The autograd oracle against a 50-digit evaluation, on confident models where the
 textbook loss Hessian diag(p) - p p^T cancels catastrophically."""
+import copy
+
 import mpmath
 import pytest
 import torch
@@ -337,3 +339,54 @@ def test_saturated_outputs_engine_matches_50_digits_where_autograd_rounds_to_zer
     with exact_saturation():
         expected = reference.hessian_matmat(model, data, V, reduction="sum")
     assert norm_error(hessian @ V, expected) <= 1e-10
+
+
+def _tied_models():
+    """A Linear called twice, and two modules holding one Parameter (a weight tie)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    twice = nn.Sequential(layer, nn.Tanh(), layer).double()
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    tied = nn.Sequential(first, nn.Tanh(), second).double()
+    return {"called twice": twice, "tied weight": tied}
+
+
+@pytest.mark.parametrize("kind", ["called twice", "tied weight"])
+def test_tied_parameters_are_differentiated_and_left_as_they_were(kind):
+    """torch.func.functional_call, under jvp, restores a module reached by two paths
+    with the transform's wrapper instead of the Parameter (torch 2.13): the oracle swaps
+    each module's tensors once itself, and every use of a tied tensor follows it."""
+    model = _tied_models()[kind]
+    before = {id(m): dict(m._parameters) for m in model.modules()}
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss_of(flat_params):  # the same function written out, ties explicit
+        params, offset = {}, 0
+        for name, p in model.named_parameters():
+            params[name] = flat_params[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        h = torch.tanh(X @ params["0.weight"].T + params["0.bias"])
+        w2 = params["0.weight"] if "2.weight" not in params else params["2.weight"]
+        b2 = params["0.bias"] if "2.bias" not in params else params["2.bias"]
+        return F.cross_entropy(h @ w2.T + b2, y)
+
+    dense = torch.autograd.functional.hessian(loss_of, flat)
+    V = torch.randn(flat.numel(), 3, dtype=torch.float64, generator=gen)
+    for product in (reference.hessian_matmat, reference.hessian_matmat_double_backward):
+        torch.testing.assert_close(product(model, (X, y), V), dense @ V, rtol=1e-10, atol=1e-12)
+    fns = reference.functions(model, (X, y))
+    for hvp in (fns.hvp, fns.hessian_vp, fns.linearized_hvp()):
+        torch.testing.assert_close(hvp(V[:, 0]), dense @ V[:, 0], rtol=1e-10, atol=1e-12)
+    reference.ggn_matmat(model, (X, y), V)
+    fns.linearized_ggn()(V[:, 0])
+    after = {id(m): dict(m._parameters) for m in model.modules()}
+    assert all(after[k][n] is before[k][n] for k in before for n in before[k]), \
+        "a parameter of the model was replaced"
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    assert [n for n, _ in model.named_parameters()] == names
+    copy.deepcopy(model)  # fails on a leaked transform wrapper
