@@ -9,6 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
 from . import ops, reference
+from .errors import UnsupportedModel
 from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
 from .precision import get_allow_tf32, set_allow_tf32
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureOperator", "Estimate", "adaptive_trace", "GGN", "Hessian", "eigsh", "frobenius_norm",
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
-    "Restricted", "SharpnessReport", "ValidationReport", "validate", "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
+    "Restricted", "SharpnessReport", "UnsupportedModel", "ValidationReport", "validate",
+    "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
 ]

@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from . import ops
 from ._model import _ACTIVATIONS
+from .errors import UnsupportedModel
 
 __all__ = ["Graph", "GraphEngine", "Node", "SUPPORTED", "capture"]
 
@@ -102,9 +103,10 @@ class Graph:
     steps: list[tuple[fx.Node, Optional[int]]]  # traced order: (fx node, engine node or None)
 
 
-def _unsupported(caller: str, what: str, why: str = "") -> TypeError:
+def _unsupported(caller: str, what: str, why: str = "",
+                 path: Optional[str] = None) -> UnsupportedModel:
     reason = why or "the fused engine supports " + ", ".join(SUPPORTED)
-    return TypeError(f"{caller}: unsupported {what}: {reason}")
+    return UnsupportedModel(f"{caller}: unsupported {what}: {reason}", path)
 
 
 def _module_node(caller: str, path: str, module: nn.Module) -> Node:
@@ -114,11 +116,11 @@ def _module_node(caller: str, path: str, module: nn.Module) -> Node:
     if kind in (nn.Conv1d, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
-                               f"padding_mode '{module.padding_mode}' (only 'zeros')")
+                               f"padding_mode '{module.padding_mode}' (only 'zeros')", path)
         if isinstance(module.padding, str) and module.padding == "same" and any(
                 d * (s - 1) % 2 for d, s in zip(module.dilation, module.kernel_size)):
             raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
-                               "padding='same' with an even receptive field pads unevenly")
+                               "padding='same' with an even receptive field pads unevenly", path)
         return Node("conv", path, module=module)
     if kind in _ACTIVATIONS:
         return Node("activation", path, module=module, activation=_ACTIVATIONS[kind](module))
@@ -132,7 +134,7 @@ def _module_node(caller: str, path: str, module: nn.Module) -> Node:
         if module.running_mean is None:
             raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
                                "track_running_stats=False normalises with batch statistics "
-                               "even in eval mode; the engine takes running statistics")
+                               "even in eval mode; the engine takes running statistics", path)
         if module.training:
             raise TypeError(f"{caller}: {kind.__name__} at '{path}' is in training mode; "
                             "curvature is measured in eval mode: call model.eval() first")
@@ -144,7 +146,7 @@ def _module_node(caller: str, path: str, module: nn.Module) -> Node:
             raise TypeError(f"{caller}: {kind.__name__} at '{path}' is in training mode, so "
                             "every product would draw a new mask; call model.eval() first")
         return Node("identity", path, module=module)
-    raise _unsupported(caller, f"module {kind.__name__} at '{path}'")
+    raise _unsupported(caller, f"module {kind.__name__} at '{path}'", path=path)
 
 
 # x + c, x - c, c - x, x * c, x / c, -x with c a number: the slope of each in x
@@ -190,7 +192,7 @@ def capture(model: nn.Module, caller: str) -> Graph:
     try:
         traced = fx.symbolic_trace(model)
     except Exception as err:  # fx raises many kinds: control flow on values, unsupported ops
-        raise TypeError(f"{caller}: torch.fx cannot trace {type(model).__name__} "
+        raise UnsupportedModel(f"{caller}: torch.fx cannot trace {type(model).__name__} "
                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                         "; the fused engine needs a traceable forward") from None
     nodes: list[Node] = []
@@ -281,12 +283,13 @@ def capture(model: nn.Module, caller: str) -> Graph:
                 if p is None:
                     continue
                 if id(p) in owner:
-                    raise TypeError(f"{caller}: parameter '{node.path}.{name}' is also used at "
-                                    f"'{owner[id(p)]}'; shared parameters are not supported by "
-                                    "the fused engine")
+                    raise UnsupportedModel(
+                        f"{caller}: parameter '{node.path}.{name}' is also used at "
+                        f"'{owner[id(p)]}'; shared parameters are not supported by the fused "
+                        "engine", node.path)
                 if id(p) not in offsets:
-                    raise TypeError(f"{caller}: '{node.path}.{name}' is not among "
-                                    "model.parameters()")
+                    raise UnsupportedModel(f"{caller}: '{node.path}.{name}' is not among "
+                                           "model.parameters()", node.path)
                 owner[id(p)] = node.path
                 node.params[name] = p
     return Graph(nodes, output, parameters, offsets, steps)
@@ -406,9 +409,10 @@ class GraphEngine:
                 x = values[node.inputs[0]] if node.inputs else X
                 values[i] = env[n] = self._forward_node(i, node, x, values, env)
                 if values[i].dim() == 0 or values[i].shape[0] != B:
-                    raise TypeError(f"{self.caller}: {node.label} does not keep the batch axis "
-                                    f"(output {tuple(values[i].shape)} for a batch of {B}); "
-                                    "the engine needs one output row per sample")
+                    raise UnsupportedModel(
+                        f"{self.caller}: {node.label} does not keep the batch axis (output "
+                        f"{tuple(values[i].shape)} for a batch of {B}); the engine needs one "
+                        "output row per sample", node.label)
         logits = values[self.graph.output]
         if logits.dim() != 2:
             raise ValueError(f"{self.caller}: the model must map X to logits of shape "
@@ -470,15 +474,16 @@ class GraphEngine:
             return x
         if node.kind == "linear":
             if x.dim() != 2:
-                raise TypeError(f"{self.caller}: {node.label} gets input of shape "
-                                f"{tuple(x.shape)}; the engine takes Linear layers on "
-                                "(batch, features) inputs")
+                raise UnsupportedModel(f"{self.caller}: {node.label} gets input of shape "
+                                       f"{tuple(x.shape)}; the engine takes Linear layers on "
+                                       "(batch, features) inputs", node.label)
             return F.linear(x, p["weight"], p.get("bias"))
         if node.kind == "conv":
             if x.dim() != m.weight.dim() or x.shape[1] != m.in_channels:
-                raise TypeError(f"{self.caller}: {node.label} gets input "
-                                f"of shape {tuple(x.shape)}; it takes (batch, {m.in_channels}, "
-                                f"{', '.join('...' for _ in m.kernel_size)})")
+                raise UnsupportedModel(
+                    f"{self.caller}: {node.label} gets input of shape {tuple(x.shape)}; it "
+                    f"takes (batch, {m.in_channels}, {', '.join('...' for _ in m.kernel_size)})",
+                    node.label)
             cache["conv"] = conv = _conv_params(m)
             # 1x1 convolutions without padding or groups are GEMMs over the (subsampled)
             # pixels: oneDNN's strided 1x1 backward is slower than the forward it mirrors
@@ -497,8 +502,9 @@ class GraphEngine:
             return value
         if node.kind == "maxpool":
             if x.dim() != 4:
-                raise TypeError(f"{self.caller}: {node.label} gets input of "
-                                f"shape {tuple(x.shape)}; the engine takes (B, C, H, W)")
+                raise UnsupportedModel(f"{self.caller}: {node.label} gets input of shape "
+                                       f"{tuple(x.shape)}; the engine takes (B, C, H, W)",
+                                       node.label)
             out, idx = F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation,
                                     ceil_mode=m.ceil_mode, return_indices=True)
             cache["indices"] = idx
@@ -514,8 +520,8 @@ class GraphEngine:
             return out
         if node.kind == "batchnorm":
             if x.dim() < 2 or x.shape[1] != m.num_features:
-                raise TypeError(f"{self.caller}: {node.label} gets "
-                                f"input of shape {tuple(x.shape)}")
+                raise UnsupportedModel(f"{self.caller}: {node.label} gets input of shape "
+                                       f"{tuple(x.shape)}", node.label)
             bshape = (1, -1) + (1,) * (x.dim() - 2)
             sd = torch.sqrt(m.running_var.to(x.dtype) + m.eps)
             xhat = (x - m.running_mean.to(x.dtype).view(bshape)) / sd.view(bshape)

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .errors import UnsupportedModel
+
 __all__ = ["MLPSpec", "check_plain_modules", "parse_mlp", "SUPPORTED_MODULES"]
 
 # module type -> (engine name, param0, param1) read from the module
@@ -62,14 +64,14 @@ class MLPSpec:
         return x
 
 
-def _unsupported(caller: str, path: str, module: nn.Module, why: str = "") -> TypeError:
+def _unsupported(caller: str, path: str, module: nn.Module, why: str = "") -> UnsupportedModel:
     reason = why or ("the MLP engine supports " + ", ".join(SUPPORTED_MODULES))
-    return TypeError(f"{caller}: unsupported module {type(module).__name__} at '{path}': "
-                     f"{reason}")
+    return UnsupportedModel(f"{caller}: unsupported module {type(module).__name__} at '{path}': "
+                            f"{reason}", path)
 
 
 def check_plain_modules(model: nn.Module, caller: str) -> None:
-    """Refuses, with a TypeError naming the module, what makes ``model(X)`` compute more
+    """Refuses, with UnsupportedModel naming the module, what makes ``model(X)`` compute more
     than its modules' own rules: forward hooks and pre-hooks (on any module, or the global
     ones of ``torch.nn.modules.module``), parametrized tensors, and a ``forward`` or
     ``__call__`` replaced on an instance. The fused engines read the modules, not the
@@ -79,32 +81,33 @@ def check_plain_modules(model: nn.Module, caller: str) -> None:
     for name, register in (("_global_forward_hooks", "register_module_forward_hook"),
                            ("_global_forward_pre_hooks", "register_module_forward_pre_hook")):
         if getattr(hooks, name, None):
-            raise TypeError(f"{caller}: a global forward hook is registered "
-                            f"(torch.nn.modules.module.{register}); it changes every "
-                            "module's output, and the fused engines read the modules' rules, "
-                            "not the hooked calls")
+            raise UnsupportedModel(f"{caller}: a global forward hook is registered "
+                                   f"(torch.nn.modules.module.{register}); it changes every "
+                                   "module's output, and the fused engines read the modules' "
+                                   "rules, not the hooked calls")
     for path, module in model.named_modules():
         where = f"{type(module).__name__} at '{path or '<model>'}'"
         if module._forward_hooks or module._forward_pre_hooks:
             kind = "forward hook" if module._forward_hooks else "forward pre-hook"
-            raise TypeError(f"{caller}: {where} has a {kind}; the fused engines compute the "
-                            "module's own rule and would not run it")
+            raise UnsupportedModel(f"{caller}: {where} has a {kind}; the fused engines compute "
+                                   "the module's own rule and would not run it", path)
         if torch.nn.utils.parametrize.is_parametrized(module):
             names = ", ".join(module.parametrizations.keys())
-            raise TypeError(f"{caller}: {where} has parametrized tensors ({names}, "
-                            "torch.nn.utils.parametrize); the fused engines take plain "
-                            "parameters")
+            raise UnsupportedModel(f"{caller}: {where} has parametrized tensors ({names}, "
+                                   "torch.nn.utils.parametrize); the fused engines take plain "
+                                   "parameters", path)
         for attribute in ("forward",) + _CALL_PATH:
             if attribute in vars(module):
-                raise TypeError(f"{caller}: {where} has its {attribute} replaced on the "
-                                "instance; the fused engines compute the module's own rule")
+                raise UnsupportedModel(f"{caller}: {where} has its {attribute} replaced on the "
+                                       "instance; the fused engines compute the module's own "
+                                       "rule", path)
     # torch.fx traces the root's forward(), so a call that does more is never seen; calls of
     # submodules are traced through, and the MLP engine reads only exact layer types.
     overridden = _overridden_call(model)
     if overridden is not None:
-        raise TypeError(f"{caller}: {type(model).__name__} at '<model>' overrides "
-                        f"{overridden}, so model(X) runs more than its forward(); the fused "
-                        "engines compute forward()")
+        raise UnsupportedModel(f"{caller}: {type(model).__name__} at '<model>' overrides "
+                               f"{overridden}, so model(X) runs more than its forward(); the "
+                               "fused engines compute forward()", "")
 
 
 #: what ``module(x)`` runs before it reaches ``forward``
@@ -141,7 +144,8 @@ def _leaves(module: nn.Module, path: str, caller: str):
 
 
 def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
-    """Describes ``model`` for the engine, or raises TypeError naming what it cannot take.
+    """Describes ``model`` for the engine, or raises UnsupportedModel naming what it cannot
+    take.
 
     Args:
         model: an ``nn.Sequential`` (nested allowed) of Linear layers, activations
@@ -202,11 +206,12 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
         else:
             raise _unsupported(caller, path, module)
     if not spec.weights:
-        raise TypeError(f"{caller}: model has no Linear layer; the MLP engine needs at least one")
+        raise UnsupportedModel(f"{caller}: model has no Linear layer; the MLP engine needs at "
+                               "least one")
 
     own = list(model.parameters())
     if len(own) != len(spec.parameters) or any(a is not b for a, b in zip(own, spec.parameters)):
-        raise TypeError(f"{caller}: the model's parameters are not the Linear layers' weights and "
-                        "biases in order (is a Linear layer used twice?); shared parameters "
-                        "are not supported")
+        raise UnsupportedModel(f"{caller}: the model's parameters are not the Linear layers' "
+                               "weights and biases in order (is a Linear layer used twice?); "
+                               "shared parameters are not supported")
     return spec

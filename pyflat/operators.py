@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops
 from ._model import MLPSpec, check_plain_modules, parse_mlp
+from .errors import UnsupportedModel
 from .precision import full_precision
 
 __all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
@@ -281,9 +282,11 @@ def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: Opt
                         f"({type(X).__name__}, {type(y).__name__})")
     integer = not (X.dtype.is_floating_point or X.dtype.is_complex or X.dtype == torch.bool)
     if X.dtype != dtype and not (integer and allow_integer):
-        hint = (" (integer inputs such as token ids run through backend='reference')"
-                if integer else "")
-        raise TypeError(f"{caller}: X must have the model's dtype {dtype}, got {X.dtype}{hint}")
+        if integer:  # a valid input the autograd backend takes; it has no tangent here
+            raise UnsupportedModel(f"{caller}: X must have the model's dtype {dtype}, got "
+                                   f"{X.dtype} (integer inputs such as token ids run through "
+                                   "backend='reference')")
+        raise TypeError(f"{caller}: X must have the model's dtype {dtype}, got {X.dtype}")
     if X.device != device or y.device != device:
         raise ValueError(f"{caller}: X and y must be on the model's device {device}, got "
                          f"{X.device} and {y.device}")
@@ -393,16 +396,17 @@ def _check_reproduces(model: nn.Module, X: torch.Tensor, logits: torch.Tensor, c
     if not isinstance(expected, torch.Tensor) or expected.shape != logits.shape:
         got = tuple(expected.shape) if isinstance(expected, torch.Tensor) else \
             type(expected).__name__
-        raise TypeError(f"{caller}: the {what} gives logits of shape {tuple(logits.shape)}, "
-                        f"model(X) gives {got}")
+        raise UnsupportedModel(f"{caller}: the {what} gives logits of shape "
+                               f"{tuple(logits.shape)}, model(X) gives {got}")
     if not bool(torch.isfinite(expected).all()):
         raise ValueError(f"{caller}: model(X) is not finite (NaN or inf in the logits); "
                          "check the weights, the inputs and BatchNorm's running statistics")
     scale = float(expected.abs().max()) or 1.0
     gap = float((expected - logits.to(expected.dtype)).abs().max())
     if not gap <= _forward_tolerance(expected.dtype) * scale:
-        raise TypeError(f"{caller}: the {what} does not reproduce model(X) (relative gap "
-                        f"{gap / scale:.1e}): the forward does something the engine cannot see")
+        raise UnsupportedModel(f"{caller}: the {what} does not reproduce model(X) (relative "
+                               f"gap {gap / scale:.1e}): the forward does something the engine "
+                               "cannot see")
 
 
 def _parameter_paths(spec: MLPSpec) -> list[str]:
@@ -457,7 +461,7 @@ class _MLPCurvature(CurvatureOperator):
             try:
                 self._init_fused(model, data, caller)
                 return
-            except TypeError as err:
+            except UnsupportedModel as err:
                 if backend == "fused":
                     raise
                 warnings.warn(f"{err}. Falling back to the autograd reference backend "
@@ -467,12 +471,13 @@ class _MLPCurvature(CurvatureOperator):
 
     def _init_fused(self, model: nn.Module, data, caller: str) -> None:
         """The MLP engine (one op per product) where the model is a chain of Linear
-        layers; else the graph engine (convnets, residual networks). A TypeError says
-        the fused engines cannot compute this model's own function."""
+        layers; else the graph engine (convnets, residual networks). UnsupportedModel says
+        the fused engines cannot compute this model's own function; any other error is not
+        a reason to fall back."""
         check_plain_modules(model, caller)
         try:
             spec = parse_mlp(model, caller)
-        except TypeError:
+        except UnsupportedModel:
             spec = None
         if spec is not None:
             self._init_mlp(model, spec, data, caller)
@@ -492,9 +497,10 @@ class _MLPCurvature(CurvatureOperator):
         if X.dim() > 2 and X.shape[-1] == spec.in_features:
             # torch applies Linear to the last axis (per token): a function the engine, which
             # takes one row per sample, does not compute; the autograd backend judges it
-            raise TypeError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') gets X as "
-                            f"{tuple(X.shape)}, applied along its last axis; the MLP engine "
-                            "takes (batch, features) inputs (add nn.Flatten() to flatten)")
+            raise UnsupportedModel(
+                f"{caller}: the first Linear ('{spec.linear_paths[0]}') gets X as "
+                f"{tuple(X.shape)}, applied along its last axis; the MLP engine takes (batch, "
+                "features) inputs (add nn.Flatten() to flatten)", spec.linear_paths[0])
         if X.dim() != 2 or X.shape[1] != spec.in_features:
             raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
                              f"{spec.in_features} features per sample, but X becomes "

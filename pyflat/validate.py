@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import reference
+from .errors import UnsupportedModel
 from .operators import GGN, Hessian
 
 __all__ = ["ValidationReport", "validate"]
@@ -68,7 +69,7 @@ def validate(model: nn.Module, data, *, k: int = 4, seed: int = 0, reduction: st
         try:
             op = operator(model, data, reduction=reduction, weight_decay=weight_decay,
                           backend="fused")
-        except TypeError as err:
+        except UnsupportedModel as err:
             return ValidationReport(False, str(err))
         gen = torch.Generator().manual_seed(seed)
         V = torch.randn(op.shape[0], k, generator=gen, dtype=torch.float64)
