@@ -29,11 +29,9 @@ struct ActivationName {
 };
 
 constexpr ActivationName kActivationNames[] = {
-    {"identity", Activation::Identity}, {"relu", Activation::ReLU},
-    {"leaky_relu", Activation::LeakyReLU}, {"tanh", Activation::Tanh},
-    {"sigmoid", Activation::Sigmoid}, {"gelu", Activation::GeluErf},
-    {"gelu_tanh", Activation::GeluTanh}, {"softplus", Activation::Softplus},
-    {"elu", Activation::ELU}, {"silu", Activation::SiLU},
+#define PYFLAT_ACTIVATION_NAME(KIND, NAME, CURVED) {NAME, Activation::KIND},
+    PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_ACTIVATION_NAME)
+#undef PYFLAT_ACTIVATION_NAME
 };
 
 // `argument` names where the name came from in the op's schema, for the error message.

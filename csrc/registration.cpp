@@ -1,16 +1,45 @@
 // Every schema of the pyflat library, and the kernels each device provides.
-// The Python module is empty: ops are reached through torch.ops.pyflat.*, and
-// pyflat/ops.py holds the typed wrappers and the fake (meta) implementations.
+// Ops are reached through torch.ops.pyflat.*, and pyflat/ops.py holds the typed wrappers
+// and the fake (meta) implementations. The Python module holds one attribute,
+// `activations`: ((name, has a second derivative), ...) from the C++ list, which
+// tests/test_activations.py compares with the Python registry.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <iterator>
+
+#include "glue.h"
 #include "layers.h"
 #include "mlp.h"
 
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
-                               nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  static PyModuleDef definition = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                   nullptr, nullptr, nullptr, nullptr};
+  PyObject* module = PyModule_Create(&definition);
+  if (module == nullptr) return nullptr;
+  PyObject* activations = PyTuple_New(std::size(pyflat::glue::kActivationNames));
+  if (activations == nullptr) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  Py_ssize_t i = 0;
+  for (const auto& entry : pyflat::glue::kActivationNames) {
+    PyObject* pair = Py_BuildValue("(sO)", entry.name,
+                                   pyflat::activation_has_curvature(entry.kind) ? Py_True
+                                                                                 : Py_False);
+    if (pair == nullptr) {
+      Py_DECREF(activations);
+      Py_DECREF(module);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(activations, i++, pair);
+  }
+  if (PyModule_AddObject(module, "activations", activations) < 0) {
+    Py_DECREF(activations);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(pyflat, m) {

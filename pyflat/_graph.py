@@ -38,28 +38,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import ops
-from ._model import _ACTIVATIONS
+from .activations import CURVED, FUNCTION_READERS, METHOD_NAMES, MODULE_READERS
 from .errors import UnsupportedModel
+from .layout import ParameterLayout
 
 __all__ = ["Graph", "GraphEngine", "Node", "SUPPORTED", "capture"]
 
 #: what the graph engine takes, for messages and documentation
 SUPPORTED = ("Linear", "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d",
              "BatchNorm1d", "BatchNorm2d (eval mode)", "Flatten", "Dropout (eval mode)",
-             "Identity", "activations (" + ", ".join(t.__name__ for t in _ACTIVATIONS) + ")",
+             "Identity", "activations (" + ", ".join(t.__name__ for t in MODULE_READERS) + ")",
              "residual additions", "sums and products with a number",
              "view / reshape / flatten that keep the batch axis")
 
-_FUNCTION_ACTIVATIONS = {
-    F.relu: lambda a, kw: ("relu", 0.0, 0.0),
-    torch.relu: lambda a, kw: ("relu", 0.0, 0.0),
-    torch.tanh: lambda a, kw: ("tanh", 0.0, 0.0),
-    torch.sigmoid: lambda a, kw: ("sigmoid", 0.0, 0.0),
-    F.silu: lambda a, kw: ("silu", 0.0, 0.0),
-    F.gelu: lambda a, kw: ("gelu" if kw.get("approximate", "none") == "none" else "gelu_tanh",
-                           0.0, 0.0),
-}
-_METHOD_ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 # functional pooling -> (module type, its positional parameters after the input)
 _FUNCTION_POOLS = {
     F.max_pool2d: (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
@@ -98,8 +89,7 @@ class Node:
 class Graph:
     nodes: list[Node]
     output: int
-    parameters: list[nn.Parameter]   # model.parameters() order: the flat layout
-    offsets: dict[int, int]          # id(parameter) -> its offset in a flat direction
+    layout: ParameterLayout          # model.parameters(): the flat layout of directions
     steps: list[tuple[fx.Node, Optional[int]]]  # traced order: (fx node, engine node or None)
 
 
@@ -122,8 +112,8 @@ def _module_node(caller: str, path: str, module: nn.Module) -> Node:
             raise _unsupported(caller, f"module {kind.__name__} at '{path}'",
                                "padding='same' with an even receptive field pads unevenly", path)
         return Node("conv", path, module=module)
-    if kind in _ACTIVATIONS:
-        return Node("activation", path, module=module, activation=_ACTIVATIONS[kind](module))
+    if kind in MODULE_READERS:
+        return Node("activation", path, module=module, activation=MODULE_READERS[kind](module))
     if kind is nn.MaxPool2d:
         return Node("maxpool", path, module=module)
     if kind is nn.AvgPool2d:
@@ -226,14 +216,14 @@ def capture(model: nn.Module, caller: str) -> Graph:
             node = Node("add", f"addition '{n.name}'", inputs=[index[a] for a in n.args])
         elif n.op == "call_function" and n.target in _AFFINE:
             node = _affine_node(caller, n, index)
-        elif n.op == "call_function" and n.target in _FUNCTION_ACTIVATIONS:
-            act = _FUNCTION_ACTIVATIONS[n.target](n.args[1:], n.kwargs)
+        elif n.op == "call_function" and n.target in FUNCTION_READERS:
+            act = FUNCTION_READERS[n.target](n.args[1:], n.kwargs)
             node = Node("activation", f"function {n.target.__name__} '{n.name}'",
                         inputs=[tensor_input(n.args[0], n.name)], activation=act)
-        elif n.op == "call_method" and n.target in _METHOD_ACTIVATIONS and len(n.args) == 1:
+        elif n.op == "call_method" and n.target in METHOD_NAMES and len(n.args) == 1:
             node = Node("activation", f"method {n.target} '{n.name}'",
                         inputs=[tensor_input(n.args[0], n.name)],
-                        activation=(_METHOD_ACTIVATIONS[n.target], 0.0, 0.0))
+                        activation=(METHOD_NAMES[n.target], 0.0, 0.0))
         elif n.op == "call_function" and n.target in _FUNCTION_POOLS:
             # the module is built on the prepared forward: sizes may be traced values
             kinds = {nn.MaxPool2d: "maxpool", nn.AvgPool2d: "avgpool",
@@ -270,11 +260,7 @@ def capture(model: nn.Module, caller: str) -> Graph:
     if output is None:
         raise _unsupported(caller, "model", "it returns no tensor")
 
-    parameters = list(model.parameters())
-    offsets, offset = {}, 0
-    for p in parameters:
-        offsets[id(p)] = offset
-        offset += p.numel()
+    layout = ParameterLayout.of(model)
     owner: dict[int, str] = {}
     for node in nodes:
         if node.kind in ("linear", "conv", "batchnorm"):
@@ -287,12 +273,12 @@ def capture(model: nn.Module, caller: str) -> Graph:
                         f"{caller}: parameter '{node.path}.{name}' is also used at "
                         f"'{owner[id(p)]}'; shared parameters are not supported by the fused "
                         "engine", node.path)
-                if id(p) not in offsets:
+                if layout.position(p) is None:
                     raise UnsupportedModel(f"{caller}: '{node.path}.{name}' is not among "
                                            "model.parameters()", node.path)
                 owner[id(p)] = node.path
                 node.params[name] = p
-    return Graph(nodes, output, parameters, offsets, steps)
+    return Graph(nodes, output, layout, steps)
 
 
 def _pool_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
@@ -382,7 +368,7 @@ class GraphEngine:
         self.keep = [False] * len(nodes)
         if exact:
             for i, node in enumerate(nodes):
-                curved = node.kind == "activation" and node.activation[0] in ops.CURVED_ACTIVATIONS
+                curved = node.kind == "activation" and node.activation[0] in CURVED
                 if node.kind in ("linear", "conv", "batchnorm") or curved:
                     for j in node.inputs:
                         self.keep[j] = True
@@ -494,7 +480,7 @@ class GraphEngine:
                                               [0] * len(conv["stride"]), conv["groups"])
         if node.kind == "activation":
             name, p0, p1 = node.activation
-            curved = self.exact and name in ops.CURVED_ACTIVATIONS
+            curved = self.exact and name in CURVED
             value, first, second = ops.activation_forward(x, name, p0, p1, with_second=curved)
             cache["first"] = first
             if curved:
@@ -567,8 +553,7 @@ class GraphEngine:
         return out
 
     def _direction(self, directions: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        off = self.graph.offsets[id(p)]
-        return directions[:, off:off + p.numel()].reshape(directions.shape[0], *p.shape)
+        return self.graph.layout.rows(directions, self.graph.layout.position(p))
 
     def _tangents(self, directions: torch.Tensor) -> list[Optional[torch.Tensor]]:
         nodes, B, k = self.graph.nodes, self.batch, directions.shape[0]
@@ -698,8 +683,7 @@ class GraphEngine:
                 D[j], shared[j] = D[j] + delta, False
 
         def write(p: torch.Tensor, grad: torch.Tensor) -> None:
-            off = self.graph.offsets[id(p)]
-            out[:, off:off + p.numel()] = grad.reshape(k, -1)
+            self.graph.layout.write_rows(out, self.graph.layout.position(p), grad)
 
         for i in range(len(nodes) - 1, -1, -1):
             node, d = nodes[i], D[i]

@@ -8,29 +8,18 @@ a model it does not take goes to the graph engine (pyflat/_graph.py) instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
+from .activations import MODULE_READERS
 from .errors import UnsupportedModel
 
 __all__ = ["MLPSpec", "check_plain_modules", "parse_mlp", "SUPPORTED_MODULES"]
 
-# module type -> (engine name, param0, param1) read from the module
-_ACTIVATIONS: dict[type, Callable[[nn.Module], tuple[str, float, float]]] = {
-    nn.ReLU: lambda m: ("relu", 0.0, 0.0),
-    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope), 0.0),
-    nn.Tanh: lambda m: ("tanh", 0.0, 0.0),
-    nn.Sigmoid: lambda m: ("sigmoid", 0.0, 0.0),
-    nn.GELU: lambda m: ("gelu" if m.approximate == "none" else "gelu_tanh", 0.0, 0.0),
-    nn.Softplus: lambda m: ("softplus", float(m.beta), float(m.threshold)),
-    nn.ELU: lambda m: ("elu", float(m.alpha), 0.0),
-    nn.SiLU: lambda m: ("silu", 0.0, 0.0),
-}
-
 SUPPORTED_MODULES = ("Linear", "Flatten", "Identity", "Dropout (eval mode)") + tuple(
-    t.__name__ for t in _ACTIVATIONS)
+    t.__name__ for t in MODULE_READERS)
 
 
 @dataclass
@@ -175,8 +164,8 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
             if module.bias is not None:
                 spec.parameters.append(module.bias)
             activation_after = None
-        elif kind in _ACTIVATIONS:
-            name, p0, p1 = _ACTIVATIONS[kind](module)
+        elif kind in MODULE_READERS:
+            name, p0, p1 = MODULE_READERS[kind](module)
             if not spec.weights:
                 spec.input_modules.append((path, module))
             elif activation_after is not None:

@@ -162,8 +162,7 @@ class DatasetCurvature(CurvatureOperator):
                                   device=first.device)
             dist.all_reduce(totals, group=process_group)
             num_samples, loss_sum = int(totals[0]), float(totals[1])
-        super().__init__(first.param_shapes, first.dtype, first.device)
-        self.parameters = first.parameters
+        super().__init__(first.layout, first.dtype, first.device)
         self.backend = first.backend
         self.engine = first.engine
         self.num_samples, self.num_batches = num_samples, num_batches

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import grad
 
 from ._model import parse_mlp
+from .layout import ParameterLayout
 from .operators import CurvatureOperator, check_batch
 
 __all__ = ["GenericGGN", "GenericHessian"]
@@ -36,7 +37,7 @@ class _GenericMLPCurvature(CurvatureOperator):
         spec = parse_mlp(model, caller)
         dtype, device = spec.weights[0].dtype, spec.weights[0].device
         X, y = check_batch(data, dtype, device, spec.num_classes, caller)
-        super().__init__([p.shape for p in spec.parameters], dtype, device)
+        super().__init__(ParameterLayout.of(model), dtype, device)
         self.weight_decay = float(weight_decay)
         self._weights = [w.clone() for w in spec.weights]
         self._biases = [None if b is None else b.clone() for b in spec.biases]
@@ -63,17 +64,15 @@ class _GenericMLPCurvature(CurvatureOperator):
                     e = g if self._firsts[l] is None else self._firsts[l] * g
                     self._deltas[l] = e
                     g = e @ self._weights[l]
-        self._sizes = [n for W, b in zip(self._weights, self._biases)
-                       for n in ([W.numel()] if b is None else [W.numel(), b.numel()])]
 
     def _split(self, V: torch.Tensor):
         """(P, k) -> per layer (V_l as (k, out, in), c_l as (k, out) or None)."""
-        chunks = iter(V.split(self._sizes))
-        k = V.shape[1]
+        rows, position = V.t(), 0  # the layout is weight, bias (if any), per layer
         layers = []
-        for W, b in zip(self._weights, self._biases):
-            Vl = next(chunks).t().reshape(k, *W.shape)
-            cl = None if b is None else next(chunks).t()
+        for b in self._biases:
+            Vl = self.layout.rows(rows, position)
+            cl = None if b is None else self.layout.rows(rows, position + 1)
+            position += 1 if b is None else 2
             layers.append((Vl, cl))
         return layers
 

@@ -3,7 +3,8 @@
 Both follow one protocol (``shape``, ``dtype``, ``device``, ``@``, ``matvec``, ``matmat``,
 ``to_scipy()``, ``to_dense()``), on flat vectors (P,), blocks (P, k) and parameter lists,
 so every algorithm in pyflat takes either, the autograd reference operators, or a dense
-tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()])``.
+tensor. The flat layout is ``torch.cat([p.flatten() for p in model.parameters()])``
+(pyflat.layout.ParameterLayout, ``op.layout``).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from . import ops
 from ._model import MLPSpec, check_plain_modules, parse_mlp
 from .errors import UnsupportedModel
+from .layout import ParameterLayout
 from .precision import full_precision
 
 __all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
@@ -39,16 +41,15 @@ class CurvatureOperator(abc.ABC):
     operators again.
     """
 
-    #: the parameters the flat layout runs over, when the operator knows them
-    parameters: Optional[list[torch.Tensor]] = None
-
-    #: shapes of the parameters, for the parameter-list form of ``matvec``
-    param_shapes: list[torch.Size]
-
-    def __init__(self, param_shapes: Sequence[torch.Size], dtype: torch.dtype,
+    def __init__(self, layout: Union[ParameterLayout, Sequence[torch.Size]], dtype: torch.dtype,
                  device: torch.device):
-        self.param_shapes = [torch.Size(s) for s in param_shapes]
-        self._dim = sum(s.numel() for s in self.param_shapes)
+        #: the flat parameter layout (names, shapes, offsets) directions follow
+        self.layout = layout if isinstance(layout, ParameterLayout) else ParameterLayout(layout)
+        #: shapes of the parameters, for the parameter-list form of ``matvec``
+        self.param_shapes = self.layout.shapes
+        #: the parameters the flat layout runs over, when the operator knows them
+        self.parameters: Optional[list[torch.Tensor]] = self.layout.parameters
+        self._dim = self.layout.size
         self._dtype = dtype
         self._device = torch.device(device)
 
@@ -108,9 +109,7 @@ class CurvatureOperator(abc.ABC):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{type(self).__name__}.matvec: entry {i} must have shape "
                                  f"{tuple(shape)}, got {got}")
-        flat = self.matvec(torch.cat([t.reshape(-1) for t in vs]))
-        return [chunk.view(shape) for chunk, shape in
-                zip(flat.split([s.numel() for s in self.param_shapes]), self.param_shapes)]
+        return self.layout.split(self.matvec(self.layout.concatenate(vs)))
 
     def __matmul__(self, x: Vector) -> Vector:
         if isinstance(x, torch.Tensor) and x.dim() == 2:
@@ -198,9 +197,8 @@ class LinearCombination(CurvatureOperator):
             if op.dtype != first.dtype or op.device != first.device:
                 raise ValueError("operator algebra needs one dtype and device: "
                                  f"{first.dtype} on {first.device} and {op.dtype} on {op.device}")
-        super().__init__(first.param_shapes, first.dtype, first.device)
+        super().__init__(first.layout, first.dtype, first.device)
         self.terms = flat
-        self.parameters = first.parameters
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = None
@@ -233,11 +231,11 @@ class Restricted(CurvatureOperator):
                 if operator.parameters is None:
                     raise TypeError(f"restrict: {type(operator).__name__} does not know its "
                                     "parameters; give positions in the flat layout")
-                match = [i for i, p in enumerate(operator.parameters) if p is item]
-                if not match:
+                position = operator.layout.position(item)
+                if position is None:
                     raise ValueError(f"restrict: a tensor of shape {tuple(item.shape)} is not "
                                      "one of the operator's parameters")
-                positions.append(match[0])
+                positions.append(position)
             elif isinstance(item, bool) or not isinstance(item, int):
                 raise TypeError(f"restrict: which holds parameter positions (ints) or the "
                                 f"parameter tensors, got {type(item).__name__} {item!r}")
@@ -249,17 +247,10 @@ class Restricted(CurvatureOperator):
         if len(set(positions)) != len(positions):
             raise ValueError(f"restrict: a parameter is named twice (positions {positions})")
         positions.sort()
-        offsets = [0]
-        for shape in operator.param_shapes:
-            offsets.append(offsets[-1] + shape.numel())
-        rows = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in positions])
-        super().__init__([operator.param_shapes[i] for i in positions], operator.dtype,
-                         operator.device)
+        super().__init__(operator.layout.select(positions), operator.dtype, operator.device)
         self.operator = operator
         self.positions = positions
-        self._rows = rows.to(operator.device)
-        if operator.parameters is not None:
-            self.parameters = [operator.parameters[i] for i in positions]
+        self._rows = operator.layout.indices(positions).to(operator.device)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         full = V.new_zeros(self.operator.shape[0], V.shape[1])
@@ -505,8 +496,7 @@ class _MLPCurvature(CurvatureOperator):
             raise ValueError(f"{caller}: the first Linear ('{spec.linear_paths[0]}') expects "
                              f"{spec.in_features} features per sample, but X becomes "
                              f"{tuple(X.shape)} before it")
-        super().__init__([p.shape for p in spec.parameters], dtype, device)
-        self.parameters = list(spec.parameters)
+        super().__init__(ParameterLayout.of(model), dtype, device)
         # Snapshot: the operator describes the model as it is now, even if training goes on.
         self._weights = [w.clone() for w in spec.weights]
         self._biases = [None if b is None else b.clone() for b in spec.biases]
@@ -538,10 +528,10 @@ class _MLPCurvature(CurvatureOperator):
         from ._graph import GraphEngine, capture
 
         graph = capture(model, caller)
-        if not graph.parameters:
+        if not len(graph.layout):
             raise TypeError(f"{caller}: model {type(model).__name__} has no parameters")
         paths = [name for name, _ in model.named_parameters()]
-        dtype, device = _model_dtype_device(graph.parameters, paths, caller)
+        dtype, device = _model_dtype_device(graph.layout.parameters, paths, caller)
         X, y = check_batch(data, dtype, device, None, caller)
         # a copy, not a view: the prepared forward keeps the input of the first layer
         X = X.detach().clone(memory_format=torch.contiguous_format)
@@ -551,8 +541,7 @@ class _MLPCurvature(CurvatureOperator):
             engine.prepare_loss(y)
         _check_reproduces(model, X, engine.logits, caller, "graph captured by torch.fx")
         self.backend, self.engine = "fused", "graph"
-        super().__init__([p.shape for p in graph.parameters], dtype, device)
-        self.parameters = list(graph.parameters)
+        super().__init__(graph.layout, dtype, device)
         self._graph_engine = engine
         self.num_samples = X.shape[0]
         self.num_classes = engine.num_classes
@@ -581,9 +570,9 @@ class _MLPCurvature(CurvatureOperator):
             batches, reduction=self.reduction, weight_decay=self.weight_decay,
             cache_bytes=budget, device=device, dtype=dtype, caller=caller,
             distributed=distributed, process_group=process_group, model=model)
-        super().__init__(dataset.param_shapes, dataset.dtype, dataset.device)
+        super().__init__(dataset.layout, dataset.dtype, dataset.device)
         self._dataset = dataset
-        for name in ("parameters", "backend", "engine", "num_samples", "num_batches",
+        for name in ("backend", "engine", "num_samples", "num_batches",
                      "num_classes", "loss", "cache_report"):
             setattr(self, name, getattr(dataset, name))
         if check_determinism:
@@ -631,10 +620,9 @@ class _MLPCurvature(CurvatureOperator):
             raise ValueError(f"{caller}: model(X) is not finite (NaN or inf in the logits); "
                              "check the weights, the inputs and BatchNorm's running statistics")
         check_labels(y, logits.shape[1], caller)
-        super().__init__([p.shape for p in params], dtype, device)
+        super().__init__(ParameterLayout.of(model), dtype, device)
         self.backend = "reference"
         self.engine = None
-        self.parameters = params
         reference_type = ReferenceHessian if self._exact else ReferenceGGN
         self._reference = reference_type(model, (X, y), reduction=self.reduction,
                                          weight_decay=self.weight_decay)

@@ -21,6 +21,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from . import activations
+
 __all__ = [
     "ACTIVATIONS",
     "CURVED_ACTIVATIONS",
@@ -36,12 +38,12 @@ __all__ = [
     "transpose",
 ]
 
-#: Activation names the engine knows; ``activation_params`` holds two numbers per layer:
-#: leaky_relu (negative_slope, 0), softplus (beta, threshold), elu (alpha, 0), else (0, 0).
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh",
-               "softplus", "elu", "silu")
+#: Activation names the kernels know (pyflat.activations, the one registry);
+#: ``activation_params`` holds two numbers per layer: leaky_relu (negative_slope, 0),
+#: softplus (beta, threshold), elu (alpha, 0), else (0, 0).
+ACTIVATIONS = tuple(activations.KERNELS)
 #: Activations with a non-zero second derivative (they add a term to the exact Hessian).
-CURVED_ACTIVATIONS = ("tanh", "sigmoid", "gelu", "gelu_tanh", "softplus", "elu", "silu")
+CURVED_ACTIVATIONS = activations.CURVED
 
 
 class PreparedBatch(NamedTuple):

@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import grad, jvp, linearize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .layout import ParameterLayout
 from .operators import CurvatureOperator
 from .precision import full_precision
 
@@ -66,13 +67,12 @@ class CurvatureFunctions:
         X, y = data
         y = y.long()
         named = list(model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.numels = [p.numel() for _, p in named]
+        self.layout = ParameterLayout.of(model)
+        self.names = self.layout.names
         # copies: like the fused operators, products describe the model and the batch as
         # they are now (BatchNorm's running statistics are buffers; X may be written to)
         self.param_tuple = tuple(p.detach().clone() for _, p in named)
-        self.params = torch.cat([p.reshape(-1) for p in self.param_tuple])
+        self.params = self.layout.concatenate(self.param_tuple)
         self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         # every name each tensor is reached by (a tied weight has several): the index of
         # its replacement, parameters first, then buffers
@@ -90,11 +90,10 @@ class CurvatureFunctions:
         self._gradient = None
 
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(c.view(s) for c, s in zip(v.split(self.numels), self.shapes))
+        return tuple(self.layout.split(v))
 
-    @staticmethod
-    def flatten(parts) -> torch.Tensor:
-        return torch.cat([p.reshape(-1) for p in parts])
+    def flatten(self, parts) -> torch.Tensor:
+        return self.layout.concatenate(parts)
 
     def logits(self, *params: torch.Tensor) -> torch.Tensor:
         # every product runs the forward here; its kernels fix the derivatives used
@@ -380,9 +379,8 @@ class _ReferenceOperator(CurvatureOperator):
 
     def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
                  weight_decay: float = 0.0):
-        params = list(model.parameters())
-        super().__init__([p.shape for p in params], params[0].dtype, params[0].device)
-        self.parameters = params
+        layout = ParameterLayout.of(model)
+        super().__init__(layout, layout.parameters[0].dtype, layout.parameters[0].device)
         self._functions = functions(model, data, reduction)
         self.weight_decay = float(weight_decay)
 

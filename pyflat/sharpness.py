@@ -143,7 +143,7 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
             X = X.to(device=ce_op.device, dtype=ce_op.dtype)
             correct += int((model(X).argmax(1) == y.to(ce_op.device)).sum())
         accuracy = correct / ce_op.num_samples
-        theta = torch.cat([p.detach().reshape(-1) for p in ce_op.parameters]).to(torch.float64)
+        theta = ce_op.layout.concatenate([p.detach() for p in ce_op.parameters]).to(torch.float64)
     param_norm = float(theta.norm())
     P = op.shape[0]
 

@@ -23,8 +23,8 @@ void activation_forward_rows(const ActivationForwardParams<T>& p, int64_t begin,
 template <typename T>
 void activation_forward(const ActivationForwardParams<T>& p, int64_t begin, int64_t end) {
   switch (p.kind) {
-#define PYFLAT_FORWARD_CASE(KIND) \
-  case Activation::KIND:          \
+#define PYFLAT_FORWARD_CASE(KIND, NAME, CURVED) \
+  case Activation::KIND:                        \
     return activation_forward_rows<T, Activation::KIND>(p, begin, end);
     PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_FORWARD_CASE)
 #undef PYFLAT_FORWARD_CASE

@@ -75,7 +75,7 @@ template <typename T>
 cudaError_t activation_forward(const ActivationForwardParams<T>& p, cudaStream_t stream) {
   const int blocks = blocks_for(p.rows * p.cols);
   switch (p.kind) {
-#define PYFLAT_FORWARD_CASE(KIND)                                            \
+#define PYFLAT_FORWARD_CASE(KIND, NAME, CURVED)                              \
   case Activation::KIND:                                                     \
     forward_kernel<T, Activation::KIND><<<blocks, kThreads, 0, stream>>>(p); \
     break;

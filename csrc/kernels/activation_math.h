@@ -19,22 +19,29 @@
 
 namespace pyflat {
 
-enum class Activation : int32_t {
-  Identity = 0,
-  ReLU,
-  LeakyReLU,  // param0: negative_slope
-  Tanh,
-  Sigmoid,
-  GeluErf,
-  GeluTanh,
-  Softplus,   // param0: beta, param1: threshold
-  ELU,        // param0: alpha
-  SiLU,
-};
-
-// Applies X to every Activation, so switches over the kind are written once.
+// The one list of activations: X(kind, the name the ops and pyflat/activations.py use,
+// whether s'' is non-zero somewhere, i.e. whether the kind adds a term to the exact
+// Hessian). The enum, the names the ops accept (glue.h), the curvature test below and the
+// kernels' dispatch are generated from it; tests/test_activations.py checks that the
+// Python registry lists the same, through pyflat._C.activations.
+// Parameters: leaky_relu (negative_slope, 0), softplus (beta, threshold), elu (alpha, 0).
 #define PYFLAT_FOR_EACH_ACTIVATION(X) \
-  X(Identity) X(ReLU) X(LeakyReLU) X(Tanh) X(Sigmoid) X(GeluErf) X(GeluTanh) X(Softplus) X(ELU) X(SiLU)
+  X(Identity, "identity", false)      \
+  X(ReLU, "relu", false)              \
+  X(LeakyReLU, "leaky_relu", false)   \
+  X(Tanh, "tanh", true)               \
+  X(Sigmoid, "sigmoid", true)         \
+  X(GeluErf, "gelu", true)            \
+  X(GeluTanh, "gelu_tanh", true)      \
+  X(Softplus, "softplus", true)       \
+  X(ELU, "elu", true)                 \
+  X(SiLU, "silu", true)
+
+enum class Activation : int32_t {
+#define PYFLAT_ACTIVATION_ENUM(KIND, NAME, CURVED) KIND,
+  PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_ACTIVATION_ENUM)
+#undef PYFLAT_ACTIVATION_ENUM
+};
 
 // s' is the constant 1: tangents and deltas pass through unchanged.
 PYFLAT_HOST_DEVICE bool activation_is_identity(Activation kind) {
@@ -43,8 +50,14 @@ PYFLAT_HOST_DEVICE bool activation_is_identity(Activation kind) {
 
 // s'' vanishes almost everywhere: no curvature term in the exact Hessian.
 PYFLAT_HOST_DEVICE bool activation_has_curvature(Activation kind) {
-  return !(kind == Activation::Identity || kind == Activation::ReLU ||
-           kind == Activation::LeakyReLU);
+  switch (kind) {
+#define PYFLAT_CURVED_CASE(KIND, NAME, CURVED) \
+  case Activation::KIND:                       \
+    return CURVED;
+    PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_CURVED_CASE)
+#undef PYFLAT_CURVED_CASE
+  }
+  return false;
 }
 
 template <typename T>

@@ -106,10 +106,11 @@ std::vector<T> values(std::mt19937_64& rng, std::size_t n, double scale, bool sp
 template <typename T>
 void activations(const char* type) {
   std::mt19937_64 rng(7);
-  const Activation kinds[] = {Activation::Identity, Activation::ReLU, Activation::LeakyReLU,
-                              Activation::Tanh,     Activation::Sigmoid, Activation::GeluErf,
-                              Activation::GeluTanh, Activation::Softplus, Activation::ELU,
-                              Activation::SiLU};
+  const Activation kinds[] = {  // every kind of the one list
+#define PYFLAT_KIND(KIND, NAME, CURVED) Activation::KIND,
+      PYFLAT_FOR_EACH_ACTIVATION(PYFLAT_KIND)
+#undef PYFLAT_KIND
+  };
   const int64_t shapes[][2] = {{1, 1}, {3, 33}, {17, 31}, {40, 300}};
   for (Activation kind : kinds) {
     for (const auto& shape : shapes) {
