@@ -527,15 +527,15 @@ class _MLPCurvature(CurvatureOperator):
         """The graph engine: convnets and residual networks, captured with torch.fx."""
         from ._graph import GraphEngine, capture
 
-        graph = capture(model, caller)
-        if not len(graph.layout):
+        layout = ParameterLayout.of(model)
+        if not len(layout):
             raise TypeError(f"{caller}: model {type(model).__name__} has no parameters")
-        paths = [name for name, _ in model.named_parameters()]
-        dtype, device = _model_dtype_device(graph.layout.parameters, paths, caller)
+        dtype, device = _model_dtype_device(layout.parameters, layout.names, caller)
         X, y = check_batch(data, dtype, device, None, caller)
         # a copy, not a view: the prepared forward keeps the input of the first layer
         X = X.detach().clone(memory_format=torch.contiguous_format)
         with full_precision(device):
+            graph = capture(model, X, caller)
             engine = GraphEngine(graph, X, self.reduction, self._exact, caller)
             check_labels(y, engine.num_classes, caller)
             engine.prepare_loss(y)

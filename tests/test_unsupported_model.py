@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pyflat
-import pyflat._graph
+import pyflat._rules
 import pyflat.operators
 from pyflat import reference
 
@@ -101,8 +101,8 @@ def _raise_type_error(*args, **kwargs):
 @pytest.mark.parametrize("engine", ["graph", "mlp"])
 @pytest.mark.parametrize("operator", [pyflat.GGN, pyflat.Hessian])
 def test_a_type_error_inside_an_engine_propagates(monkeypatch, engine, operator):
-    if engine == "graph":  # inside the prepared forward of one layer
-        monkeypatch.setattr(pyflat._graph.GraphEngine, "_forward_node", _raise_type_error)
+    if engine == "graph":  # inside one layer rule's prepared forward
+        monkeypatch.setattr(pyflat._rules.Conv, "forward", _raise_type_error)
         model, data = _convnet(), _images()
     else:  # inside the fused op's call
         monkeypatch.setattr(pyflat.operators.ops, "mlp_forward", _raise_type_error)
