@@ -21,9 +21,20 @@ from torch import nn
 import pyflat
 from pyflat import reference
 
-from .common import (ResNet8, block, compare_methods, digit_images, digits_cnn, machine,
-                     random_images, targets_markdown, targets_report, timing_arguments,
-                     write_results, wrong_results)
+from .common import (
+    ResNet8,
+    block,
+    compare_methods,
+    digit_images,
+    digits_cnn,
+    machine,
+    random_images,
+    targets_markdown,
+    targets_report,
+    timing_arguments,
+    write_results,
+    wrong_results,
+)
 
 MODELS = {
     # name: (model builder, data builder(batch), title, default batch)

@@ -87,7 +87,8 @@ def main(argv=None) -> int:
              "s (products/s) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         cache = f"{r['cached_batches']}/{r['batches']} batches, {r['cache_mb']:.0f} MB"
-        lines.append(f"| {r['data']} | {cache} | {r['prepare_s']:.2f} | {r['top_eigenvalue']:.5g} | "
+        lines.append(f"| {r['data']} | {cache} | {r['prepare_s']:.2f} | "
+                     f"{r['top_eigenvalue']:.5g} | "
                      f"{r['top_s']:.2f} ({r['top_products_per_s']:.1f}) | {r['trace']:.5g} +- "
                      f"{r['trace_stderr']:.2g} | {r['trace_s']:.2f} "
                      f"({r['trace_products_per_s']:.1f}) |")

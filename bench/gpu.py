@@ -33,8 +33,18 @@ from torch.func import vmap
 import pyflat
 from pyflat import reference
 
-from .common import (ResNet8, cuda_clock, digits_cnn, machine, matmul_ceiling, mlp,
-                     product_flops, tf32_off, time_interleaved, write_results)
+from .common import (
+    ResNet8,
+    cuda_clock,
+    digits_cnn,
+    machine,
+    matmul_ceiling,
+    mlp,
+    product_flops,
+    tf32_off,
+    time_interleaved,
+    write_results,
+)
 
 CASES = [
     # name, widths (MLP) or (model builder, sample shape), batch, product, k,

@@ -24,9 +24,20 @@ import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 
-from .common import (block, compare_methods, digits, machine, matmul_ceiling, mlp,
-                     product_flops, targets_markdown, targets_report, timing_arguments,
-                     write_results, wrong_results)
+from .common import (
+    block,
+    compare_methods,
+    digits,
+    machine,
+    matmul_ceiling,
+    mlp,
+    product_flops,
+    targets_markdown,
+    targets_report,
+    timing_arguments,
+    write_results,
+    wrong_results,
+)
 
 MODELS = {
     "logreg": ([64, 10], nn.ReLU, "logistic regression 64-10"),

@@ -26,8 +26,17 @@ from torch import nn
 import pyflat
 from pyflat import reference
 
-from .common import (block, cuda_clock, digits_cnn, host_clock, machine, mlp, tf32_off,
-                     time_interleaved, write_results)
+from .common import (
+    block,
+    cuda_clock,
+    digits_cnn,
+    host_clock,
+    machine,
+    mlp,
+    tf32_off,
+    time_interleaved,
+    write_results,
+)
 
 MODELS = {
     "mlp128": ("MLP 64-128-10 (ReLU)", lambda: mlp([64, 128, 10]), "vector"),

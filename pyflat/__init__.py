@@ -7,16 +7,19 @@ fused engines; ``pyflat.reference`` gives the same products by autograd, as the 
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.pyflat.*)
-from . import ops, reference
+from . import (
+    _C,  # noqa: F401  (registers torch.ops.pyflat.*)
+    ops,
+    reference,
+)
 from .errors import UnsupportedModel
 from .lanczos import eigsh, lanczos
 from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
 from .precision import get_allow_tf32, set_allow_tf32
 from .sharpness import SharpnessReport, sharpness
 from .spectral import SpectralDensity, exact_rank, slq
-from .validate import ValidationReport, validate
 from .trace import Estimate, adaptive_trace, frobenius_norm, hutchinson_trace, hutchpp_trace
+from .validate import ValidationReport, validate
 
 __version__ = "0.1.0"
 

@@ -17,14 +17,13 @@ import contextlib
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from . import ops
-from ._rules import (MODULE_RULES, POOL_FUNCTION_RULES, RULES, Products, Rule, Site,
-                     run_fx_node)
+from ._rules import MODULE_RULES, POOL_FUNCTION_RULES, RULES, Products, Rule, Site, run_fx_node
 from .activations import FUNCTION_READERS, METHOD_NAMES, MODULE_READERS
 from .errors import UnsupportedModel
 from .layout import ParameterLayout
@@ -47,10 +46,10 @@ class Node:
     kind: str                          # the rule's name (pyflat._rules.RULES)
     path: str
     inputs: list[int] = field(default_factory=list)
-    module: Optional[nn.Module] = None
+    module: nn.Module | None = None
     activation: tuple[str, float, float] = ("identity", 0.0, 0.0)
     params: dict[str, nn.Parameter] = field(default_factory=dict)
-    fx_node: Optional[fx.Node] = None  # reshapes and affine maps: rerun on the primal
+    fx_node: fx.Node | None = None  # reshapes and affine maps: rerun on the primal
     factor: float = 1.0                # affine nodes: the slope of the map
 
     @property
@@ -70,12 +69,12 @@ class Graph:
     nodes: list[Node]
     output: int
     layout: ParameterLayout          # model.parameters(): the flat layout of directions
-    steps: list[tuple[fx.Node, Optional[int]]]  # traced order: (fx node, engine node or None)
+    steps: list[tuple[fx.Node, int | None]]  # traced order: (fx node, engine node or None)
     root: nn.Module                  # the model, for the buffers constants read
 
 
 def _unsupported(caller: str, what: str, why: str = "",
-                 path: Optional[str] = None) -> UnsupportedModel:
+                 path: str | None = None) -> UnsupportedModel:
     reason = why or "the fused engine supports " + ", ".join(SUPPORTED)
     return UnsupportedModel(f"{caller}: unsupported {what}: {reason}", path)
 
@@ -256,7 +255,7 @@ def capture(model: nn.Module, X: torch.Tensor, caller: str) -> Graph:
     nodes: list[Node] = []
     index: dict[fx.Node, int] = {}   # fx node -> engine node
     values: set[fx.Node] = set()     # constants: sizes, buffers and what is computed from them
-    steps: list[tuple[fx.Node, Optional[int]]] = []
+    steps: list[tuple[fx.Node, int | None]] = []
     output = None
     parameter_names = {name for name, _ in model.named_parameters()}
 
@@ -428,7 +427,7 @@ class GraphEngine:
     # ---------------------------------------------------------------- forward
     def _forward(self, X: torch.Tensor) -> None:
         nodes, B = self.graph.nodes, self.batch
-        values: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        values: list[torch.Tensor | None] = [None] * len(nodes)
         env: dict[fx.Node, Any] = {}  # traced values by fx node, for sizes and reshapes
         with torch.no_grad():
             for n, i in self.graph.steps:
@@ -492,10 +491,10 @@ class GraphEngine:
             self._backward(d, tangents, directions, out, self.exact)
         return out
 
-    def _tangents(self, directions: torch.Tensor) -> list[Optional[torch.Tensor]]:
+    def _tangents(self, directions: torch.Tensor) -> list[torch.Tensor | None]:
         nodes = self.graph.nodes
         p = Products(directions, None, directions.shape[0], self.exact, self.graph.layout)
-        T: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        T: list[torch.Tensor | None] = [None] * len(nodes)
         fresh = [False] * len(nodes)  # T[i] is memory node i allocated (not a view)
 
         def overwritable(j: int, i: int) -> bool:
@@ -519,7 +518,7 @@ class GraphEngine:
         (k, P), writes the parameter gradients there; returns the deltas of every node."""
         nodes = self.graph.nodes
         p = Products(directions, out, d_out.shape[1], exact, self.graph.layout)
-        D: list[Optional[torch.Tensor]] = [None] * len(nodes)
+        D: list[torch.Tensor | None] = [None] * len(nodes)
         shared = [False] * len(nodes)   # D[i] is also held elsewhere: copy before in place
         D[self.graph.output] = d_out
 

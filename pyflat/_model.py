@@ -8,7 +8,6 @@ a model it does not take goes to the graph engine (pyflat/_graph.py) instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
@@ -28,12 +27,12 @@ class MLPSpec:
     which equals ``list(model.parameters())``."""
 
     weights: list[torch.Tensor] = field(default_factory=list)
-    biases: list[Optional[torch.Tensor]] = field(default_factory=list)
+    biases: list[torch.Tensor | None] = field(default_factory=list)
     activations: list[str] = field(default_factory=list)
     activation_params: list[float] = field(default_factory=list)
     linear_paths: list[str] = field(default_factory=list)
     # the activation module after each Linear (None for identity)
-    activation_modules: list[Optional[nn.Module]] = field(default_factory=list)
+    activation_modules: list[nn.Module | None] = field(default_factory=list)
     parameters: list[nn.Parameter] = field(default_factory=list)
     # (path, module) applied to the input before the first Linear: Flatten, activations
     input_modules: list[tuple[str, nn.Module]] = field(default_factory=list)
@@ -103,7 +102,7 @@ def check_plain_modules(model: nn.Module, caller: str) -> None:
 _CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl")
 
 
-def _overridden_call(module: nn.Module) -> Optional[str]:
+def _overridden_call(module: nn.Module) -> str | None:
     """The name of the call method ``type(module)`` overrides, if any."""
     return next((name for name in _CALL_PATH
                  if getattr(type(module), name, None) is not getattr(nn.Module, name, None)),
@@ -150,7 +149,7 @@ def parse_mlp(model: nn.Module, caller: str) -> MLPSpec:
                            "layers; the MLP engine takes an nn.Sequential (nested allowed) of "
                            + ", ".join(SUPPORTED_MODULES))
     spec = MLPSpec()
-    activation_after: Optional[str] = None  # path of the activation following the last Linear
+    activation_after: str | None = None  # path of the activation following the last Linear
     for path, module in _leaves(model, "", caller):
         kind = type(module)
         if kind is nn.Linear:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 
 class _Silent:
@@ -16,7 +15,7 @@ class _Silent:
         pass
 
 
-def progress_bar(total: Optional[int], desc: str, progress: Optional[bool]):
+def progress_bar(total: int | None, desc: str, progress: bool | None):
     """A tqdm bar on stderr when ``progress`` is True, or when it is None and stderr is a
     terminal; otherwise an object with the same methods that prints nothing."""
     show = progress if progress is not None else sys.stderr.isatty()

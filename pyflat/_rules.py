@@ -21,8 +21,9 @@ case in tests/test_rules.py (the rule alone against torch.func in float64).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +77,8 @@ class Products:
     layout), and ``out`` (k, P) for the parameter rows of the result (None while
     preparing the gradient deltas). ``exact`` adds the Hessian's second-order terms."""
 
-    directions: Optional[torch.Tensor]
-    out: Optional[torch.Tensor]
+    directions: torch.Tensor | None
+    out: torch.Tensor | None
     k: int
     exact: bool
     layout: Any  # pyflat.layout.ParameterLayout
@@ -111,18 +112,18 @@ class Rule:
         engine then keeps that tangent instead of overwriting or freeing it)."""
         return False
 
-    def keep_second_order(self, site: Site, e: Optional[torch.Tensor]) -> None:
+    def keep_second_order(self, site: Site, e: torch.Tensor | None) -> None:
         """Called once after the forward with the gradient delta at the node's output
         ((B, ...), None where no parameter reaches the node), for the exact Hessian."""
 
-    def tangent(self, site: Site, inputs: list[Optional[torch.Tensor]],
-                overwritable: list[bool], p: Products) -> tuple[Optional[torch.Tensor], bool]:
+    def tangent(self, site: Site, inputs: list[torch.Tensor | None],
+                overwritable: list[bool], p: Products) -> tuple[torch.Tensor | None, bool]:
         """The tangent of the output, (B, k, ...), from the inputs' tangents (None where an
         input carries none); ``overwritable[j]`` says the rule may write over input j's.
         Returns (tangent, whether it is memory of its own rather than a view of an input)."""
         raise NotImplementedError
 
-    def backward(self, site: Site, d: torch.Tensor, t_in: Optional[torch.Tensor],
+    def backward(self, site: Site, d: torch.Tensor, t_in: torch.Tensor | None,
                  needs: list[bool], shared: bool, p: Products) -> Sends:
         """Deltas at the inputs from ``d`` at the output, (B, k, ...); ``needs[j]`` says
         input j carries a tangent (wants a delta); ``shared`` that ``d`` is held elsewhere
@@ -741,7 +742,7 @@ _PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout
                  nn.AlphaDropout)
 
 
-def _check_conv(caller: str, path: str, module: nn.Module) -> Optional[str]:
+def _check_conv(caller: str, path: str, module: nn.Module) -> str | None:
     if module.padding_mode != "zeros":
         return f"padding_mode '{module.padding_mode}' (only 'zeros')"
     if isinstance(module.padding, str) and module.padding == "same" and any(
@@ -750,7 +751,7 @@ def _check_conv(caller: str, path: str, module: nn.Module) -> Optional[str]:
     return None
 
 
-def _check_batchnorm(caller: str, path: str, module: nn.Module) -> Optional[str]:
+def _check_batchnorm(caller: str, path: str, module: nn.Module) -> str | None:
     if module.running_mean is None:
         return ("track_running_stats=False normalises with batch statistics even in eval "
                 "mode; the engine takes running statistics")
@@ -760,7 +761,7 @@ def _check_batchnorm(caller: str, path: str, module: nn.Module) -> Optional[str]
     return None
 
 
-def _check_pass(caller: str, path: str, module: nn.Module) -> Optional[str]:
+def _check_pass(caller: str, path: str, module: nn.Module) -> str | None:
     if module.training and getattr(module, "p", 0) > 0:
         raise TypeError(f"{caller}: {type(module).__name__} at '{path}' is in training mode, "
                         "so every product would draw a new mask; call model.eval() first")
@@ -773,8 +774,8 @@ class ModuleRule:
     (returns why, or None), and what the node reads from the module (the activation)."""
 
     rule: Rule
-    check: Optional[Callable[[str, str, nn.Module], Optional[str]]] = None
-    activation: Optional[Callable[[nn.Module], tuple[str, float, float]]] = None
+    check: Callable[[str, str, nn.Module], str | None] | None = None
+    activation: Callable[[nn.Module], tuple[str, float, float]] | None = None
 
 
 #: module type -> its rule

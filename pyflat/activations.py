@@ -13,7 +13,8 @@ entry in ``KERNELS`` and the readers of the forms a model may write it in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ product from the data source, which must then yield the same batches each pass.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ def default_cache_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
-def batches_of(data, batch_size: Optional[int], caller: str) -> Callable[[], Iterable]:
+def batches_of(data, batch_size: int | None, caller: str) -> Callable[[], Iterable]:
     """A function returning a fresh iterator over (X, y) batches of ``data``."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
             isinstance(t, torch.Tensor) for t in data):
@@ -120,7 +120,7 @@ class DatasetCurvature(CurvatureOperator):
                  reduction: str, weight_decay: float, cache_bytes: int,
                  device: torch.device, dtype: torch.dtype, caller: str,
                  process_group=None, distributed: bool = False,
-                 model: Optional[torch.nn.Module] = None):
+                 model: torch.nn.Module | None = None):
         self._make = make_batch_operator
         self._batches = batches
         self._device, self._dtype = device, dtype

@@ -1,8 +1,6 @@
 """The error that says the fused engines cannot take a model."""
 from __future__ import annotations
 
-from typing import Optional
-
 
 class UnsupportedModel(TypeError):
     """The fused engines cannot take this model: a module, function, hook, parameter use or
@@ -15,6 +13,6 @@ class UnsupportedModel(TypeError):
     or the graph node's label, where the refusal concerns one.
     """
 
-    def __init__(self, message: str, path: Optional[str] = None):
+    def __init__(self, message: str, path: str | None = None):
         super().__init__(f"{message}; the fused engines cannot take this model")
         self.path = path

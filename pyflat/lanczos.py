@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
@@ -43,7 +42,7 @@ class LanczosResult:
 
     alpha: torch.Tensor
     beta: torch.Tensor
-    basis: Optional[torch.Tensor]
+    basis: torch.Tensor | None
     breakdowns: list[int]
 
     @property
@@ -72,7 +71,7 @@ def _check_operator(A, caller: str) -> int:
     return int(shape[0])
 
 
-def _generator(seed: Optional[int], generator: Optional[torch.Generator]) -> torch.Generator:
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
     if generator is not None and seed is not None:
         raise ValueError("give either seed or generator, not both")
     if generator is not None:
@@ -138,7 +137,7 @@ class _Basis:
 class _Lanczos:
     """The state of a Lanczos run that can be extended step by step."""
 
-    def __init__(self, A, n: int, v0: Optional[torch.Tensor], gen: torch.Generator,
+    def __init__(self, A, n: int, v0: torch.Tensor | None, gen: torch.Generator,
                  device: torch.device, capacity: int):
         self.A, self.n, self.gen, self.device = A, n, gen, device
         self.Q = _Basis(n, device)
@@ -167,7 +166,7 @@ class _Lanczos:
     def _orthogonalize(self, w: torch.Tensor, j: int) -> torch.Tensor:
         return self.Q.orthogonalize(w, j)
 
-    def _fresh_vector(self) -> Optional[torch.Tensor]:
+    def _fresh_vector(self) -> torch.Tensor | None:
         """A random unit vector orthogonal to the basis, or None if it spans everything."""
         for _ in range(3):
             w = torch.randn(self.n, generator=self.gen, dtype=torch.float64).to(self.device)
@@ -211,18 +210,18 @@ class _Lanczos:
             if bar is not None:
                 bar.update(1)
 
-    def result(self, keep_basis: bool = True) -> "LanczosResult":
+    def result(self, keep_basis: bool = True) -> LanczosResult:
         m = self.steps
         return LanczosResult(torch.tensor(self.alpha, dtype=torch.float64),
                              torch.tensor(self.beta, dtype=torch.float64),
                              self.Q.rows(m) if keep_basis else None, list(self.breakdowns))
 
 
-def lanczos(A, num_steps: int, v0: Optional[torch.Tensor] = None, *,
-            seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+def lanczos(A, num_steps: int, v0: torch.Tensor | None = None, *,
+            seed: int | None = None, generator: torch.Generator | None = None,
             keep_basis: bool = True,
-            basis_device: Union[str, torch.device, None] = None,
-            progress: Optional[bool] = None) -> LanczosResult:
+            basis_device: str | torch.device | None = None,
+            progress: bool | None = None) -> LanczosResult:
     """Runs ``num_steps`` Lanczos steps on the symmetric operator A.
 
     Args:
@@ -279,7 +278,7 @@ class EigshResult:
     """
 
     eigenvalues: torch.Tensor
-    eigenvectors: Optional[torch.Tensor]
+    eigenvectors: torch.Tensor | None
     residuals: torch.Tensor
     converged: bool
     steps: int
@@ -319,12 +318,12 @@ def _complement_cannot_change(res: LanczosResult, selected: torch.Tensor, which:
             and (low == 0 or lowest >= float(selected[low - 1]) - tie))
 
 
-def eigsh(A, k: int = 6, which: str = "LA", ncv: Optional[int] = None,
-          v0: Optional[torch.Tensor] = None, tol: float = 0.0, maxiter: Optional[int] = None,
-          return_eigenvectors: bool = True, *, seed: Optional[int] = None,
-          generator: Optional[torch.Generator] = None,
-          basis_device: Union[str, torch.device, None] = None,
-          progress: Optional[bool] = None) -> EigshResult:
+def eigsh(A, k: int = 6, which: str = "LA", ncv: int | None = None,
+          v0: torch.Tensor | None = None, tol: float = 0.0, maxiter: int | None = None,
+          return_eigenvectors: bool = True, *, seed: int | None = None,
+          generator: torch.Generator | None = None,
+          basis_device: str | torch.device | None = None,
+          progress: bool | None = None) -> EigshResult:
     """k extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
     Named as scipy.sparse.linalg.eigsh: ``which`` is 'LA' (largest algebraic), 'SA'

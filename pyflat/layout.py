@@ -9,7 +9,7 @@ directions in it (its weights and biases in this order).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,8 @@ class ParameterLayout:
         parameters: the tensors themselves, where known (for lookups by identity).
     """
 
-    def __init__(self, shapes: Sequence[torch.Size], names: Optional[Sequence[str]] = None,
-                 parameters: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(self, shapes: Sequence[torch.Size], names: Sequence[str] | None = None,
+                 parameters: Sequence[torch.Tensor] | None = None):
         self.shapes = [torch.Size(s) for s in shapes]
         self.names = list(names) if names is not None else [str(i) for i in range(len(shapes))]
         self.parameters = list(parameters) if parameters is not None else None
@@ -44,7 +44,7 @@ class ParameterLayout:
                           if self.parameters is not None else {})
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ParameterLayout":
+    def of(cls, model: nn.Module) -> ParameterLayout:
         """The layout of ``model.parameters()``."""
         named = list(model.named_parameters())
         return cls([p.shape for _, p in named], [n for n, _ in named], [p for _, p in named])
@@ -57,7 +57,7 @@ class ParameterLayout:
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def position(self, parameter: torch.Tensor) -> Optional[int]:
+    def position(self, parameter: torch.Tensor) -> int | None:
         """Where ``parameter`` (by identity) sits in the layout; None if it is not there."""
         return self._position.get(id(parameter))
 
@@ -85,7 +85,7 @@ class ParameterLayout:
         """The flat entries of the parameters at ``positions``, in that order."""
         return torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in positions])
 
-    def select(self, positions: Sequence[int]) -> "ParameterLayout":
+    def select(self, positions: Sequence[int]) -> ParameterLayout:
         """The layout of the parameters at ``positions``, in that order."""
         return ParameterLayout([self.shapes[i] for i in positions],
                                [self.names[i] for i in positions],

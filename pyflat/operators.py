@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import math
 import warnings
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from .precision import full_precision
 
 __all__ = ["CurvatureOperator", "GGN", "Hessian", "LinearCombination", "Restricted"]
 
-Vector = Union[torch.Tensor, Sequence[torch.Tensor]]
+Vector = torch.Tensor | Sequence[torch.Tensor]
 
 
 class CurvatureOperator(abc.ABC):
@@ -41,14 +41,14 @@ class CurvatureOperator(abc.ABC):
     operators again.
     """
 
-    def __init__(self, layout: Union[ParameterLayout, Sequence[torch.Size]], dtype: torch.dtype,
+    def __init__(self, layout: ParameterLayout | Sequence[torch.Size], dtype: torch.dtype,
                  device: torch.device):
         #: the flat parameter layout (names, shapes, offsets) directions follow
         self.layout = layout if isinstance(layout, ParameterLayout) else ParameterLayout(layout)
         #: shapes of the parameters, for the parameter-list form of ``matvec``
         self.param_shapes = self.layout.shapes
         #: the parameters the flat layout runs over, when the operator knows them
-        self.parameters: Optional[list[torch.Tensor]] = self.layout.parameters
+        self.parameters: list[torch.Tensor] | None = self.layout.parameters
         self._dim = self.layout.size
         self._dtype = dtype
         self._device = torch.device(device)
@@ -143,27 +143,28 @@ class CurvatureOperator(abc.ABC):
         return dense
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        return (f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
+                f"device={self.device})")
 
     # ---- algebra ------------------------------------------------------------------------
 
-    def __add__(self, other: "CurvatureOperator") -> "LinearCombination":
+    def __add__(self, other: CurvatureOperator) -> LinearCombination:
         return LinearCombination([(1.0, self), (1.0, other)])
 
-    def __sub__(self, other: "CurvatureOperator") -> "LinearCombination":
+    def __sub__(self, other: CurvatureOperator) -> LinearCombination:
         return LinearCombination([(1.0, self), (-1.0, other)])
 
-    def __mul__(self, scalar: float) -> "LinearCombination":
+    def __mul__(self, scalar: float) -> LinearCombination:
         if isinstance(scalar, bool) or not isinstance(scalar, (int, float)):
             return NotImplemented
         return LinearCombination([(float(scalar), self)])
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "LinearCombination":
+    def __neg__(self) -> LinearCombination:
         return LinearCombination([(-1.0, self)])
 
-    def restrict(self, which: Sequence[Union[int, torch.Tensor]]) -> "Restricted":
+    def restrict(self, which: Sequence[int | torch.Tensor]) -> Restricted:
         """The operator on a subset of the parameters (one layer, one block): the
         principal submatrix A[S, S] for the parameters S, given by position in the
         flat layout or, where the operator knows its parameters, as the tensors."""
@@ -219,7 +220,7 @@ class Restricted(CurvatureOperator):
     rows of S, so it costs one full product.
     """
 
-    def __init__(self, operator: CurvatureOperator, which: Sequence[Union[int, torch.Tensor]]):
+    def __init__(self, operator: CurvatureOperator, which: Sequence[int | torch.Tensor]):
         if isinstance(which, (torch.Tensor, int)):  # one parameter, not a list of them
             which = [which]
         which = list(which)
@@ -258,7 +259,7 @@ class Restricted(CurvatureOperator):
         return self.operator._matmat(full)[self._rows]
 
 
-def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: Optional[int],
+def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int | None,
                 caller: str, allow_integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Validates a batch ``(X, y)`` for a model of the given dtype, device and classes
     (the label range is checked when ``num_classes`` is given). ``allow_integer`` admits
@@ -414,7 +415,7 @@ class _MLPCurvature(CurvatureOperator):
 
     def __init__(self, model: nn.Module, data, *, reduction: str = "mean",
                  weight_decay: float = 0.0, backend: str = "auto",
-                 batch_size: Optional[int] = None, cache_bytes: Optional[int] = None,
+                 batch_size: int | None = None, cache_bytes: int | None = None,
                  check_determinism: bool = True, distributed: bool = False,
                  process_group=None):
         caller = f"pyflat.{type(self).__name__}"

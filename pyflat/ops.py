@@ -17,7 +17,8 @@ Layout conventions:
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -68,7 +69,7 @@ class PreparedBatch(NamedTuple):
 
 
 def mlp_forward(input: torch.Tensor, target: torch.Tensor, weights: Sequence[torch.Tensor],
-                biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                biases: Sequence[torch.Tensor | None], activations: Sequence[str],
                 activation_params: Sequence[float], reduction: str = "mean",
                 with_hessian_terms: bool = True) -> PreparedBatch:
     """Runs the forward pass (and, for exact Hessians, the backward) once for a batch.
@@ -87,7 +88,7 @@ def mlp_forward(input: torch.Tensor, target: torch.Tensor, weights: Sequence[tor
 
 
 def mlp_ggn_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
-                   biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                   biases: Sequence[torch.Tensor | None], activations: Sequence[str],
                    prepared: PreparedBatch, directions: torch.Tensor,
                    reduction: str = "mean") -> torch.Tensor:
     """GGN products G V = J^T H_loss J V for a (k, P) block of directions; returns (k, P)."""
@@ -97,7 +98,7 @@ def mlp_ggn_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
 
 
 def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
-                       biases: Sequence[Optional[torch.Tensor]], activations: Sequence[str],
+                       biases: Sequence[torch.Tensor | None], activations: Sequence[str],
                        prepared: PreparedBatch, directions: torch.Tensor,
                        reduction: str = "mean") -> torch.Tensor:
     """Exact Hessian products H V for a (k, P) block of directions; returns (k, P).
@@ -112,7 +113,7 @@ def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
 
 def activation_forward(z: torch.Tensor, activation: str, param0: float = 0.0,
                        param1: float = 0.0, with_second: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(s(z), s'(z), s''(z) or None) of an activation named as in :data:`ACTIVATIONS`."""
     value, first, second = torch.ops.pyflat.activation_forward.default(
         z, activation, float(param0), float(param1), with_second)
@@ -124,9 +125,9 @@ def activation_tangent(first: torch.Tensor, tangent: torch.Tensor) -> torch.Tens
     return torch.ops.pyflat.activation_tangent.default(first, tangent)
 
 
-def activation_delta_(delta: torch.Tensor, first: Optional[torch.Tensor],
-                      curvature: Optional[torch.Tensor] = None,
-                      tangent_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+def activation_delta_(delta: torch.Tensor, first: torch.Tensor | None,
+                      curvature: torch.Tensor | None = None,
+                      tangent_in: torch.Tensor | None = None) -> torch.Tensor:
     """In place on a contiguous delta (B, k, f...): delta = s' * delta + curvature *
     tangent_in (the second term for exact Hessians, curvature = s'' * dloss/ds)."""
     torch.ops.pyflat.activation_delta_.default(delta, first, curvature, tangent_in)

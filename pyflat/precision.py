@@ -37,7 +37,7 @@ use bf16, and ``torch.backends.cudnn.allow_tf32``).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -194,7 +194,7 @@ def _substituted(model: nn.Module, slots: dict[str, int], tensors: tuple[torch.T
     restores it with the transform's wrapper in place of the Parameter (torch 2.13). Every
     name a tied tensor is reached by maps to the same replacement, so all its uses follow.
     """
-    swapped: list[tuple[dict, str, Optional[torch.Tensor]]] = []
+    swapped: list[tuple[dict, str, torch.Tensor | None]] = []
     seen: set[tuple[int, str]] = set()
     try:
         for path, module in model.named_modules(remove_duplicate=False):

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional
 
 import torch
 from torch import nn
 
-from .lanczos import eigsh
 from .dataset import batches_of
+from .lanczos import eigsh
 from .operators import GGN, Hessian
 from .spectral import slq
 from .trace import _check_count, frobenius_norm, hutchpp_trace
@@ -44,7 +43,7 @@ class SharpnessReport:
     param_norm: float                # |theta|_2
     top_eigenvalues: list[float]     # largest algebraic, ascending
     top_residuals: list[float]       # Ritz residual bounds of those
-    min_eigenvalue: Optional[float]  # smallest algebraic (Hessian only)
+    min_eigenvalue: float | None  # smallest algebraic (Hessian only)
     spectral_norm: float
     trace: float
     trace_stderr: float
@@ -71,7 +70,8 @@ class SharpnessReport:
         lines = [
             f"{self.curvature.upper()} ({view}; mu={self.weight_decay:g}), "
             f"{self.num_params:,} parameters, {self.num_samples:,} samples",
-            f"  loss {self.loss:.6g}   accuracy {self.accuracy:.4f}   |theta| {self.param_norm:.6g}",
+            f"  loss {self.loss:.6g}   accuracy {self.accuracy:.4f}   "
+            f"|theta| {self.param_norm:.6g}",
             f"  spectral norm {self.spectral_norm:.6g}   top eigenvalues "
             + ", ".join(f"{v:.5g}" for v in reversed(self.top_eigenvalues)),
         ]

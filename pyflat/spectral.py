@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -75,7 +74,7 @@ class SpectralDensity:
         smallest = torch.nan_to_num(self.nodes, nan=math.inf).abs().min(1).values
         return float(smallest.median())
 
-    def rank(self, rtol: float = 1e-3, spectral_norm: Optional[float] = None) -> dict:
+    def rank(self, rtol: float = 1e-3, spectral_norm: float | None = None) -> dict:
         """Numerical rank: n times the spectral mass outside [-eps, eps], with eps =
         rtol * ||A||_2 (``spectral_norm``, or the largest |node| when not given).
 
@@ -98,7 +97,7 @@ class SpectralDensity:
                 "resolution": resolution, "resolved": eps >= 10 * resolution,
                 "dimension": self.dimension}
 
-    def density(self, grid: Optional[torch.Tensor] = None, *, convention: str = "papyan",
+    def density(self, grid: torch.Tensor | None = None, *, convention: str = "papyan",
                 num_points: int = 1024, sigma_squared: float = 1e-5, kappa: float = 3.0,
                 margin: float = 0.05) -> dict:
         """The spectral density smoothed with Gaussian kernels, on a grid.
@@ -161,7 +160,7 @@ class SpectralDensity:
         return {"grid": grid, "density": per_probe.mean(0), "stderr": stderr,
                 "per_probe": per_probe, "sigma": sigma, "convention": convention}
 
-    def plot(self, path, *, title: Optional[str] = None, log_scale: bool = True,
+    def plot(self, path, *, title: str | None = None, log_scale: bool = True,
              floor: float = 1e-8, **density_kwargs) -> None:
         """Writes a PNG of the density with its error band over probes (log-scale
         density, as papers show it). Needs matplotlib."""
@@ -193,10 +192,10 @@ class SpectralDensity:
 
 
 def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "rademacher",
-        seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+        seed: int | None = None, generator: torch.Generator | None = None,
         reorthogonalize: bool = True, basis_dtype: torch.dtype = torch.float64,
-        basis_device: Union[str, torch.device, None] = None,
-        memory_budget: int = 2 << 30, progress: Optional[bool] = None) -> SpectralDensity:
+        basis_device: str | torch.device | None = None,
+        memory_budget: int = 2 << 30, progress: bool | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``num_steps`` steps.
 
     The probes advance together, one block product per step. With ``reorthogonalize``

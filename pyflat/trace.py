@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -34,7 +33,7 @@ class Estimate:
     stderr: float
     products: int
     samples: torch.Tensor
-    converged: Optional[bool] = None  # for estimates run to a target error
+    converged: bool | None = None  # for estimates run to a target error
 
     def __repr__(self) -> str:
         return f"Estimate({self.value:.6g} +- {self.stderr:.2g}, products={self.products})"
@@ -48,7 +47,7 @@ def _probes(n: int, count: int, distribution: str, gen: torch.Generator) -> torc
     raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
 
 
-def _apply_blocks(A, V: torch.Tensor, block_size: Optional[int]) -> torch.Tensor:
+def _apply_blocks(A, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
     """A @ V in float64, with the columns of V sent in blocks of ``block_size``."""
     step = V.shape[1] if block_size is None else block_size
     outs = []
@@ -70,8 +69,8 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
 
 
 def hutchinson_trace(A, num_probes: int = 100, distribution: str = "rademacher", *,
-                     seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                     block_size: Optional[int] = None) -> Estimate:
+                     seed: int | None = None, generator: torch.Generator | None = None,
+                     block_size: int | None = None) -> Estimate:
     """Hutchinson's estimator tr(A) ~ mean_i v_i^T A v_i (Hutchinson 1989).
 
     With Rademacher probes the variance of one term is 2 (||A||_F^2 - sum_i A_ii^2);
@@ -98,8 +97,8 @@ def hutchinson_trace(A, num_probes: int = 100, distribution: str = "rademacher",
 
 
 def hutchpp_trace(A, num_products: int = 102, distribution: str = "rademacher", *,
-                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                  block_size: Optional[int] = None) -> Estimate:
+                  seed: int | None = None, generator: torch.Generator | None = None,
+                  block_size: int | None = None) -> Estimate:
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): the trace of a low-rank sketch,
     computed exactly, plus Hutchinson on the deflated rest.
 
@@ -127,8 +126,8 @@ def hutchpp_trace(A, num_products: int = 102, distribution: str = "rademacher", 
 
 
 def frobenius_norm(A, num_probes: int = 100, distribution: str = "rademacher", *,
-                   seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                   block_size: Optional[int] = None) -> Estimate:
+                   seed: int | None = None, generator: torch.Generator | None = None,
+                   block_size: int | None = None) -> Estimate:
     """||A||_F from ||A||_F^2 = E |A v|^2 (E[v v^T] = I).
 
     ``value`` is the norm; its standard error follows from that of the squared norm by
@@ -148,9 +147,9 @@ def frobenius_norm(A, num_probes: int = 100, distribution: str = "rademacher", *
 
 def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
                    block_size: int = 16, max_products: int = 10_000,
-                   distribution: str = "rademacher", seed: Optional[int] = None,
-                   generator: Optional[torch.Generator] = None,
-                   progress: Optional[bool] = None) -> Estimate:
+                   distribution: str = "rademacher", seed: int | None = None,
+                   generator: torch.Generator | None = None,
+                   progress: bool | None = None) -> Estimate:
     """The trace to a target relative standard error, with as few products as it needs.
 
     Hutch++ with an open-ended second stage: a sketch Q = orth(A S) of

@@ -26,18 +26,18 @@ import math
 import random
 import types
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from conftest import exact_saturation, relative_error
 from torch import nn
 from torch.nn.utils import parametrize
 
 import pyflat
 from pyflat import reference
-
-from conftest import exact_saturation, relative_error
 
 __all__ = ["Built", "Case", "FAMILIES", "REQUIRED_TAGS", "make_case", "reproduce_command",
            "run_case"]
@@ -100,7 +100,7 @@ class Built:
     model: nn.Module
     data: Any
     kwargs: dict[str, Any]
-    oracle_batches: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+    oracle_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     global_hooks: list[tuple[str, Callable]] = field(default_factory=list)
 
 
@@ -121,7 +121,7 @@ class Case:
     dtype: torch.dtype
     k: int
     vector_form: bool                   # k == 1 given as a flat (P,) vector
-    mutate: Optional[Callable[[nn.Module, Any], None]] = None
+    mutate: Callable[[nn.Module, Any], None] | None = None
     must_raise: str = ""
     oracle_data: str = "the batch (X, y) as it was at construction"
     #: how many times the product runs (each compared): data sources change on later passes
@@ -198,7 +198,7 @@ def _activation(spec: tuple) -> nn.Module:
     }[name]()
 
 
-def _draw_activation(rng: random.Random, name: Optional[str] = None) -> tuple:
+def _draw_activation(rng: random.Random, name: str | None = None) -> tuple:
     name = name or rng.choice(ACTIVATIONS)
     if name == "leaky_relu":
         return (name, rng.choice([0.01, 0.2, -0.3, 1.5]), 0.0)
@@ -331,7 +331,7 @@ class _Chain:
         return X, _labels(gen, batch, self.classes)
 
 
-def _draw_chain(rng: random.Random, *, kinks: Optional[bool] = None, min_depth: int = 1,
+def _draw_chain(rng: random.Random, *, kinks: bool | None = None, min_depth: int = 1,
                 square_hidden: bool = False) -> _Chain:
     """A random MLP: 1-4 Linear layers of widths 1-12, 2-6 classes, activations between
     them (sometimes before the first and after the last), Flatten, Identity, eval-mode
@@ -392,7 +392,7 @@ def _draw_kinked_chain(rng: random.Random) -> _Chain:
 # ---------------------------------------------------------------------------- programs
 
 
-def _constant_op(form: str, x: torch.Tensor, c: float, offset: Optional[torch.Tensor]
+def _constant_op(form: str, x: torch.Tensor, c: float, offset: torch.Tensor | None
                  ) -> torch.Tensor:
     """One operation with a number (or a constant tensor) inside a traced forward."""
     if form == "x+c":
@@ -454,7 +454,7 @@ class Program(nn.Module):
     flattening idioms. torch.fx unrolls the loop, so the engine sees a plain graph."""
 
     def __init__(self, mods: Sequence[nn.Module], steps: Sequence[tuple],
-                 offset: Optional[torch.Tensor] = None):
+                 offset: torch.Tensor | None = None):
         super().__init__()
         self.mods = nn.ModuleList(mods)
         self.steps = list(steps)
@@ -526,7 +526,7 @@ class _ConvPlan:
         return f"X{self.in_shape} [" + ", ".join(self.words) + "]" + extra
 
 
-def _draw_convnet(rng: random.Random, *, dim: Optional[int] = None, allow_bad: bool = True
+def _draw_convnet(rng: random.Random, *, dim: int | None = None, allow_bad: bool = True
                   ) -> _ConvPlan:
     """A tiny convnet: 1-3 blocks of Conv (stride, padding incl. 'same', dilation, groups,
     depthwise, bias or not), sometimes BatchNorm (eval, random statistics), an activation
@@ -930,7 +930,7 @@ class DoubledTanh(nn.Tanh):
 class Wrapper(nn.Module):
     """A module whose forward is a chain plus extra operations."""
 
-    def __init__(self, body: nn.Module, mode: str, skip: Optional[nn.Module] = None):
+    def __init__(self, body: nn.Module, mode: str, skip: nn.Module | None = None):
         super().__init__()
         self.body, self.mode, self.skip = body, mode, skip
 
@@ -1601,7 +1601,7 @@ def _run(case: Case, built: Built) -> str:
     # the bar takes its largest over the case's columns and a few more
     V_bar = torch.cat([V64, torch.randn(P, FLOAT32_BAR_VECTORS, generator=gen,
                                         dtype=torch.float64)], 1)
-    expected: Optional[torch.Tensor] = None
+    expected: torch.Tensor | None = None
     autograd_error = 0.0
     if not case.must_raise:
         model64 = copy.deepcopy(snapshot).double()
@@ -1681,7 +1681,7 @@ def _run(case: Case, built: Built) -> str:
 
 
 def _mismatch(results: list[tuple[str, torch.Tensor]], expected: torch.Tensor,
-              tolerance: float) -> Optional[tuple[str, float]]:
+              tolerance: float) -> tuple[str, float] | None:
     """The first product off the expected one by more than the tolerance, and its error."""
     for when, actual in results:
         error = relative_error(actual.double(), expected)

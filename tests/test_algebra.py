@@ -1,11 +1,10 @@
 """Operator algebra (sums, differences, multiples) and restriction to parameter subsets."""
 import pytest
 import torch
+from conftest import make_batch, make_mlp, num_params, random_block
 
 import pyflat
 from pyflat import reference
-
-from conftest import make_batch, make_mlp, num_params, random_block
 
 
 def setup():

@@ -5,14 +5,20 @@ import copy
 
 import pytest
 import torch
+from conftest import (
+    ACTIVATION_MODULES,
+    assert_within_float32_autograd,
+    make_batch,
+    make_mlp,
+    num_params,
+    random_block,
+    relative_error,
+)
 
 import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
 from pyflat.precision import full_precision
-
-from conftest import (ACTIVATION_MODULES, assert_within_float32_autograd, make_batch, make_mlp,
-                      num_params, random_block, relative_error)
 
 pytestmark = [
     pytest.mark.cuda,

@@ -118,7 +118,7 @@ def _compile(executable: Path, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _supports_pattern_init() -> bool:
     probe = subprocess.run([_compiler(), "-ftrivial-auto-var-init=pattern", "-x", "c++",
                             "-fsyntax-only", "-"], input="int main() {}\n",

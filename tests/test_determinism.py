@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from conftest import make_batch, make_mlp, num_params, random_block
 from torch import nn
 
 import pyflat
-
-from conftest import make_batch, make_mlp, num_params, random_block
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ENGINES = ("mlp", "graph", "reference")
@@ -105,7 +104,7 @@ def _products(engine: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 # counts are measured against, or None for an output compared run to run only). Small
 # settings: each output is a deterministic function of the products and of the
 # algorithm's own arithmetic, whatever the number of steps.
-Suite = dict[str, tuple[torch.Tensor, Optional[float]]]
+Suite = dict[str, tuple[torch.Tensor, float | None]]
 
 
 def _scalar(x: float) -> torch.Tensor:

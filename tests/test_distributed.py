@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_batch, make_mlp
 
 import pyflat
-
-from conftest import make_batch, make_mlp
 
 WEIGHT_DECAY = 0.05
 

@@ -4,12 +4,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_batch, make_mlp, num_params
 from torch import nn
 
 import pyflat
 from pyflat import ops
-
-from conftest import make_batch, make_mlp, num_params
 
 
 def mlp():

@@ -5,12 +5,17 @@ reference; pyflat may not be worse than a small multiple of autograd's error.
 """
 import pytest
 import torch
+from conftest import (
+    assert_within_float32_autograd,
+    make_batch,
+    make_mlp,
+    num_params,
+    random_block,
+    relative_error,
+)
 
 import pyflat
 from pyflat import reference
-
-from conftest import (assert_within_float32_autograd, make_batch, make_mlp, num_params,
-                      random_block, relative_error)
 
 PRODUCTS = {"ggn": (pyflat.GGN, reference.ggn_matmat),
             "hessian": (pyflat.Hessian, reference.hessian_matmat)}

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
-
 from fuzz_cases import FAMILIES, REQUIRED_TAGS, make_case, run_case
 
 DEFAULT_SEEDS = range(0, 900)

@@ -1,13 +1,18 @@
 """GGN and exact Hessian products of the fused engine against autograd in float64."""
 import pytest
 import torch
+from conftest import (
+    ACTIVATION_MODULES,
+    make_batch,
+    make_mlp,
+    num_params,
+    random_block,
+    relative_error,
+)
 
 import pyflat
 from pyflat import reference
 from pyflat.generic import GenericGGN, GenericHessian
-
-from conftest import (ACTIVATION_MODULES, make_batch, make_mlp, num_params, random_block,
-                      relative_error)
 
 TOL = 1e-10  # float64; observed errors are ~1e-15
 PRODUCTS = {

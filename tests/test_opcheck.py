@@ -1,11 +1,10 @@
 """torch.library.opcheck on every op: schema, fake (meta) implementation, dispatch."""
 import pytest
 import torch
+from conftest import make_batch, make_mlp
 
 import pyflat
 from pyflat import ops
-
-from conftest import make_batch, make_mlp
 
 
 def network(model):
@@ -112,5 +111,6 @@ def test_transpose_matches_aten_and_passes_opcheck(shape, dtype):
 def test_transpose_refuses_other_shapes_and_dtypes():
     with pytest.raises(RuntimeError, match=r"transpose: matrix must be 2-D, got \[2, 3, 4\]"):
         ops.transpose(torch.zeros(2, 3, 4))
-    with pytest.raises(RuntimeError, match="transpose: matrix must be float32 or float64, got Long"):
+    with pytest.raises(RuntimeError,
+                       match="transpose: matrix must be float32 or float64, got Long"):
         ops.transpose(torch.zeros(2, 3, dtype=torch.long))

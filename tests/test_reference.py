@@ -6,12 +6,11 @@ import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import relative_error
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from pyflat import reference
-
-from conftest import relative_error
 
 mpmath.mp.dps = 50
 
@@ -321,8 +320,9 @@ def saturated_layer(output, seed, batch=3, features=4, classes=3):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_saturated_outputs_engine_matches_50_digits_where_autograd_rounds_to_zero(output,
                                                                                  seed):
-    import pyflat
     from conftest import exact_saturation
+
+    import pyflat
     model, data = saturated_layer(output, seed)
     P = sum(p.numel() for p in model.parameters())
     V = torch.randn(P, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

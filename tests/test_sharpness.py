@@ -21,7 +21,8 @@ def test_report_matches_dense_spectrum(digits_mlp, dense, curvature):
     model, data = digits_mlp
     report = pyflat.sharpness(model, data, curvature=curvature, seed=0)
     ev = dense[curvature]
-    torch.testing.assert_close(torch.tensor(report.top_eigenvalues, dtype=torch.float64), ev[-5:], rtol=1e-8,
+    torch.testing.assert_close(torch.tensor(report.top_eigenvalues, dtype=torch.float64), ev[-5:],
+                               rtol=1e-8,
                                atol=1e-12)
     assert report.spectral_norm == pytest.approx(float(ev.abs().max()), rel=1e-8)
     if curvature == "hessian":
@@ -62,7 +63,8 @@ def test_with_l2_shifts_every_eigenvalue_by_mu(digits_mlp, dense):
     shifted = pyflat.sharpness(model, data, curvature="hessian", weight_decay=mu,
                                with_l2=True, seed=2, per_layer=False)
     torch.testing.assert_close(torch.tensor(shifted.top_eigenvalues, dtype=torch.float64),
-                               torch.tensor(plain.top_eigenvalues, dtype=torch.float64) + mu, rtol=1e-8, atol=1e-12)
+                               torch.tensor(plain.top_eigenvalues, dtype=torch.float64) + mu,
+                               rtol=1e-8, atol=1e-12)
     assert shifted.objective == pytest.approx(plain.loss + mu / 2 * plain.param_norm ** 2)
     # rank is a property of the cross-entropy part, whichever view is measured
     assert shifted.rank["rank"] == pytest.approx(plain.rank["rank"])

@@ -3,10 +3,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_batch, make_mlp, symmetric
 
 import pyflat
-
-from conftest import make_batch, make_mlp, symmetric
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])

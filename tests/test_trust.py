@@ -10,17 +10,15 @@ from __future__ import annotations
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
+from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 from torch import nn
-import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 import pyflat
 from pyflat import reference
 from pyflat._model import parse_mlp
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 
 TOL = 1e-10
 
