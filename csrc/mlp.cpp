@@ -1,4 +1,5 @@
-// The MLP engine's recurrences (DESIGN.md, "Recurrences" and "the tangent layout").
+// The MLP engine's recurrences: Pearlmutter's R-forward for the tangents, the backward
+// for the deltas, and for the exact Hessian the second-order terms of each layer.
 //
 // Layers l = 0..L-1: z_l = a_{l-1} W_l^T + b_l, a_l = s_l(z_l), logits = a_{L-1}.
 // Tangents for k directions live as (B, k, d): every term below is one GEMM over all k.

@@ -6,10 +6,10 @@ affine maps, reshapes, identity); the forward pass of a batch is prepared once (
 rule caches: activations' s' and s'', max-pooling argmax, BatchNorm's normalised input;
 softmax probabilities and, for the exact Hessian, the gradient deltas of every node);
 every product then runs Pearlmutter's R-forward and the backward over the nodes for k
-directions at once (DESIGN.md, "Recurrences" and "the tangent layout"): tangents and
-deltas are (B, k, features...), so each convolution or GEMM term is one call for all k
-directions. This file holds the capture, the loops and the memory policy (which tangents
-and deltas a rule may overwrite, which are freed, where fan-outs sum); no per-kind math.
+directions at once: tangents and deltas are (B, k, features...), so each convolution or
+GEMM term is one call for all k directions. This file holds the capture, the loops and
+the memory policy (which tangents and deltas a rule may overwrite, which are freed, where
+fan-outs sum); no per-kind math.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The graph engine's layer rules: one class per layer kind, behind one interface.
 
-A rule holds everything one kind of layer contributes (DESIGN.md, "Recurrences"):
+A rule holds everything one kind of layer contributes to the products (R = directional
+derivative, D = delta, e = gradient delta):
 
 * ``forward``: the layer's value on the prepared batch, and what the products will need
   (the input, s' and s'', the argmax, the normalised input) in ``site.cache``;

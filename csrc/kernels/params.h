@@ -4,7 +4,7 @@
 //
 // Layouts: per-sample quantities are (batch, width) row-major; tangents and deltas for
 // k directions are sample-major, (batch, k, width), so that every GEMM of the
-// recurrences sees all k directions at once (DESIGN.md, "the tangent layout").
+// recurrences sees all k directions at once.
 #pragma once
 
 #include <cstdint>
@@ -83,8 +83,9 @@ struct SoftmaxCrossEntropyParams {
 };
 
 // Loss-Hessian product for k directions, in place on u (batch, k, classes):
-// u <- scale * (diag(p) - p p^T) u, in the shifted form of DESIGN.md: with m the
-// argmax of p, s = sum_c p_c (u_c - u_m) and u_c <- scale * p_c ((u_c - u_m) - s).
+// u <- scale * (diag(p) - p p^T) u in a shifted form that never subtracts nearly equal
+// terms on confident rows: with m the argmax of p, s = sum_c p_c (u_c - u_m) and
+// u_c <- scale * p_c ((u_c - u_m) - s) (the same product, as sum_c p_c = 1).
 template <typename T>
 struct SoftmaxHessianParams {
   const T* probs;
