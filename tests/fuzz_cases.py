@@ -8,7 +8,7 @@ were at construction: relative error (max |a - b| / max |b|) at most 1e-10 in fl
 in float32 within 4x float32 autograd's own error against float64 (its largest over the
 case's vectors and fifteen more: on one vector it varies tenfold; floor: 8 float32
 epsilons). Where a product misses, the oracle runs again with saturation-exact tanh and
-sigmoid rules (``conftest.exact_saturation``); if that moves it, the product is judged
+sigmoid rules (``helpers.exact_saturation``); if that moves it, the product is judged
 against it. Warnings
 (a fallback to the reference backend) are allowed; a silent wrong number is the failure,
 and so is any other exception (a user should get a clear error, not a crash).
@@ -32,12 +32,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from conftest import exact_saturation, relative_error
 from torch import nn
 from torch.nn.utils import parametrize
 
 import pyflat
 from pyflat import reference
+
+from helpers import exact_saturation, relative_error
 
 __all__ = ["Built", "Case", "FAMILIES", "REQUIRED_TAGS", "make_case", "reproduce_command",
            "run_case"]

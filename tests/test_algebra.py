@@ -1,10 +1,11 @@
 """Operator algebra (sums, differences, multiples) and restriction to parameter subsets."""
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block
 
 import pyflat
 from pyflat import reference
+
+from helpers import make_batch, make_mlp, num_params, random_block
 
 
 def setup():

@@ -5,12 +5,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import pyflat
+
+from helpers import make_batch, make_mlp, num_params, random_block, relative_error
 
 
 class AttentionModel(nn.Module):

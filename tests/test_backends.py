@@ -3,11 +3,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 from torch import nn
 
 import pyflat
 from pyflat import reference
+
+from helpers import make_batch, make_mlp, num_params, random_block, relative_error
 
 
 class ResidualMLP(nn.Module):

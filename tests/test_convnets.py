@@ -6,11 +6,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_float32_autograd, num_params, random_block, relative_error
 from torch import nn
 
 import pyflat
 from pyflat import reference
+
+from helpers import assert_within_float32_autograd, num_params, random_block, relative_error
 
 TOL = 1e-10  # float64 against torch.func; observed ~5e-16
 

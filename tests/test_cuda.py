@@ -5,7 +5,13 @@ import copy
 
 import pytest
 import torch
-from conftest import (
+
+import pyflat
+from pyflat import reference
+from pyflat.generic import GenericGGN, GenericHessian
+from pyflat.precision import full_precision
+
+from helpers import (
     ACTIVATION_MODULES,
     assert_within_float32_autograd,
     make_batch,
@@ -14,11 +20,6 @@ from conftest import (
     random_block,
     relative_error,
 )
-
-import pyflat
-from pyflat import reference
-from pyflat.generic import GenericGGN, GenericHessian
-from pyflat.precision import full_precision
 
 pytestmark = [
     pytest.mark.cuda,

@@ -1,11 +1,12 @@
 """Operators over a whole data set: sample-weighted batches, caching and determinism."""
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyflat
 from pyflat import reference
+
+from helpers import make_batch, make_mlp, num_params, random_block, relative_error
 
 
 @pytest.fixture

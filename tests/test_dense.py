@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
-from conftest import ACTIVATION_MODULES, make_batch, make_mlp
 
 import pyflat
 from pyflat import reference
+
+from helpers import ACTIVATION_MODULES, make_batch, make_mlp
 
 CURVED = ["tanh", "sigmoid", "gelu", "gelu_tanh", "softplus", "elu", "silu"]
 

@@ -29,10 +29,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block
 from torch import nn
 
 import pyflat
+
+from helpers import make_batch, make_mlp, num_params, random_block
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ENGINES = ("mlp", "graph", "reference")

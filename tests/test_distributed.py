@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_batch, make_mlp
 
 import pyflat
+
+from helpers import make_batch, make_mlp
 
 WEIGHT_DECAY = 0.05
 

@@ -4,11 +4,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params
 from torch import nn
 
 import pyflat
 from pyflat import ops
+
+from helpers import make_batch, make_mlp, num_params
 
 
 def mlp():

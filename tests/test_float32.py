@@ -5,7 +5,11 @@ reference; pyflat may not be worse than a small multiple of autograd's error.
 """
 import pytest
 import torch
-from conftest import (
+
+import pyflat
+from pyflat import reference
+
+from helpers import (
     assert_within_float32_autograd,
     make_batch,
     make_mlp,
@@ -13,9 +17,6 @@ from conftest import (
     random_block,
     relative_error,
 )
-
-import pyflat
-from pyflat import reference
 
 PRODUCTS = {"ggn": (pyflat.GGN, reference.ggn_matmat),
             "hessian": (pyflat.Hessian, reference.hessian_matmat)}

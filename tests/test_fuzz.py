@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
 from fuzz_cases import FAMILIES, REQUIRED_TAGS, make_case, run_case
 
 DEFAULT_SEEDS = range(0, 900)

@@ -12,12 +12,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, num_params, random_block, relative_error
 from torch import nn
 from torch.func import grad, jvp
 
 import pyflat
 from pyflat import ops, reference
+
+from helpers import make_batch, num_params, random_block, relative_error
 
 TOL = 1e-10  # float64 products against torch.func / double backward
 

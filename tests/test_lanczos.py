@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
-from conftest import make_batch, make_mlp, symmetric
 
 import pyflat
+
+from helpers import make_batch, make_mlp, symmetric
 
 
 def test_full_krylov_space_reproduces_eigvalsh():

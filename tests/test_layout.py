@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp
 from torch import nn
 
 import pyflat
 from pyflat.layout import ParameterLayout
+
+from helpers import make_batch, make_mlp
 
 
 def _model():

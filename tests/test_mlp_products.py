@@ -1,7 +1,12 @@
 """GGN and exact Hessian products of the fused engine against autograd in float64."""
 import pytest
 import torch
-from conftest import (
+
+import pyflat
+from pyflat import reference
+from pyflat.generic import GenericGGN, GenericHessian
+
+from helpers import (
     ACTIVATION_MODULES,
     make_batch,
     make_mlp,
@@ -9,10 +14,6 @@ from conftest import (
     random_block,
     relative_error,
 )
-
-import pyflat
-from pyflat import reference
-from pyflat.generic import GenericGGN, GenericHessian
 
 TOL = 1e-10  # float64; observed errors are ~1e-15
 PRODUCTS = {

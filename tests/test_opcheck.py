@@ -1,10 +1,11 @@
 """torch.library.opcheck on every op: schema, fake (meta) implementation, dispatch."""
 import pytest
 import torch
-from conftest import make_batch, make_mlp
 
 import pyflat
 from pyflat import ops
+
+from helpers import make_batch, make_mlp
 
 
 def network(model):

@@ -7,13 +7,14 @@ Nothing here needs a GPU: the settings are process state, and the CUDA levels ca
 read and guarded on a CPU-only build."""
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import pyflat
 from pyflat import _graph, precision
 from pyflat.precision import full_precision
+
+from helpers import make_batch, make_mlp, num_params, random_block
 
 pytestmark = pytest.mark.skipif(
     not hasattr(torch.backends.cuda.matmul, "fp32_precision"),

@@ -6,11 +6,12 @@ import mpmath
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
 from torch import nn
 from torch.func import grad, jvp, vmap
 
 from pyflat import reference
+
+from helpers import relative_error
 
 mpmath.mp.dps = 50
 
@@ -320,9 +321,9 @@ def saturated_layer(output, seed, batch=3, features=4, classes=3):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_saturated_outputs_engine_matches_50_digits_where_autograd_rounds_to_zero(output,
                                                                                  seed):
-    from conftest import exact_saturation
-
     import pyflat
+
+    from helpers import exact_saturation
     model, data = saturated_layer(output, seed)
     P = sum(p.numel() for p in model.parameters())
     V = torch.randn(P, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -1,11 +1,12 @@
 """Stochastic Lanczos quadrature: quadrature identities, density, rank, and a real GGN."""
 import pytest
 import torch
-from conftest import symmetric
 
 import pyflat
 from pyflat.lanczos import tridiagonal
 from pyflat.spectral import _block_lanczos
+
+from helpers import symmetric
 
 
 def quadrature(alpha, beta, lengths, j):

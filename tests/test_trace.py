@@ -3,9 +3,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, symmetric
 
 import pyflat
+
+from helpers import make_batch, make_mlp, symmetric
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])

@@ -12,13 +12,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp, num_params, random_block, relative_error
 from torch import nn
 from torch.nn.utils import parametrize
 
 import pyflat
 from pyflat import reference
 from pyflat._model import parse_mlp
+
+from helpers import make_batch, make_mlp, num_params, random_block, relative_error
 
 TOL = 1e-10
 

@@ -10,13 +10,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_batch, make_mlp
 from torch import nn
 
 import pyflat
 import pyflat._rules
 import pyflat.operators
 from pyflat import reference
+
+from helpers import make_batch, make_mlp
 
 CANNOT = "the fused engines cannot take this model"
 
