@@ -213,7 +213,19 @@ class Input(Rule):
         return []
 
 
-class Linear(Rule):
+class _Weighted(Rule):
+    """A layer with a weight: its exact backward reads the input's tangent (e Ra into the
+    weight's rows) and the gradient delta e at its output."""
+
+    def reads_input_tangent(self, site):
+        return True
+
+    def keep_second_order(self, site, e):
+        if e is not None:
+            site.cache["e"] = e.contiguous()
+
+
+class Linear(_Weighted):
     """z = a W^T + c.  Rz = Ra W^T + a V^T + Rc;  grad V = D^T a (+ e^T Ra);
     D_a = D W (+ e V)."""
 
@@ -225,13 +237,6 @@ class Linear(Rule):
                                    "Linear layers on (batch, features) inputs")
         site.cache["a"] = x
         return F.linear(x, site.params["weight"], site.params.get("bias"))
-
-    def reads_input_tangent(self, site):
-        return True
-
-    def keep_second_order(self, site, e):
-        if e is not None:
-            site.cache["e"] = e.contiguous()
 
     def tangent(self, site, inputs, overwritable, p):
         B, k, c, node = site.batch, p.k, site.cache, site.node
@@ -264,7 +269,7 @@ class Linear(Rule):
         return [(0, din, False)]
 
 
-class Conv(Rule):
+class Conv(_Weighted):
     """Convolutions (1-D, 2-D): the Linear rule with conv in place of the product.
     Grouped convolutions stack the k directions' channels (group, direction, channel) so
     that each direction stays inside its group; 1x1 convolutions without padding or groups
@@ -290,13 +295,6 @@ class Conv(Rule):
                                           conv["stride"], conv["padding"], conv["dilation"],
                                           False, [0] * len(conv["stride"]), conv["groups"])
 
-    def reads_input_tangent(self, site):
-        return True
-
-    def keep_second_order(self, site, e):
-        if e is not None:
-            site.cache["e"] = e.contiguous()
-
     def tangent(self, site, inputs, overwritable, p):
         B, k, c, node, shape = site.batch, p.k, site.cache, site.node, site.shape
         t = inputs[0]
@@ -308,10 +306,7 @@ class Conv(Rule):
                 t_sub = _subsample(t, c["conv"]["stride"]).reshape(B * k, I, -1)
                 out.add_(torch.matmul(site.params["weight"].reshape(O, I), t_sub).view(
                     B, k, O, *spatial))
-            if "bias" in node.params:
-                cb = p.direction(node.params["bias"])
-                out.add_(cb.view(1, k, O, *([1] * len(spatial))))
-            return out, True
+            return self._add_bias(out, node, p), True
         conv = c["conv"]
         g = conv["groups"]
         V = p.direction(node.params["weight"])   # (k, O, I/g, ...)
@@ -324,10 +319,15 @@ class Conv(Rule):
         if t is not None:
             out.add_(_conv(t.reshape(B * k, *t.shape[2:]), site.params["weight"],
                            conv).view(B, k, O, *spatial))
+        return self._add_bias(out, node, p), True
+
+    @staticmethod
+    def _add_bias(out, node, p):
+        """out (B, k, O, ...) plus each direction's bias rows, per channel."""
         if "bias" in node.params:
-            cb = p.direction(node.params["bias"])
-            out.add_(cb.view(1, k, O, *([1] * len(spatial))))
-        return out, True
+            rows = p.direction(node.params["bias"])               # (k, O)
+            out.add_(rows.view(1, *rows.shape, *([1] * (out.dim() - 3))))
+        return out
 
     def backward(self, site, d, t_in, needs, shared, p):
         if site.cache["pointwise"]:
@@ -582,7 +582,7 @@ class AdaptiveAvgPool(_Pooling):
         return [(0, site.cache["rows"].t() @ d @ site.cache["cols"], False)]
 
 
-class BatchNorm(Rule):
+class BatchNorm(_Weighted):
     """Eval mode: y = g xhat + beta, xhat = (x - mean) / sd with running statistics.
     Ry = g/sd Rx + Rg xhat + Rbeta;  grad Rg = D xhat (+ e Rx / sd);
     D_x = g/sd D (+ e Rg / sd)."""
@@ -605,10 +605,6 @@ class BatchNorm(Rule):
 
     def reads_input_tangent(self, site):
         return "weight" in site.node.params  # e Rx / sd enters the gain's rows alone
-
-    def keep_second_order(self, site, e):
-        if e is not None:
-            site.cache["e"] = e.contiguous()
 
     def tangent(self, site, inputs, overwritable, p):
         B, k, c, node, shape = site.batch, p.k, site.cache, site.node, site.shape
