@@ -1,4 +1,4 @@
-// ATen glue of the per-layer pieces the graph engine (pyflat/_graph.py) calls for models
+// ATen glue of the per-layer pieces the graph engine (pyflat/engines/graph.py) calls for models
 // that are not plain MLPs: convnets, residual networks. Convolutions, pooling and GEMMs
 // run through ATen there; these ops are the fused per-element parts, on primal tensors
 // (B, features...) and tangents or deltas for k directions (B, k, features...).

@@ -12,14 +12,25 @@ from . import (
     ops,
     reference,
 )
+from .analysis import SharpnessReport, ValidationReport, sharpness, validate
+from .curvature import GGN, Hessian
 from .errors import UnsupportedModel
-from .lanczos import eigsh, lanczos
-from .operators import GGN, CurvatureOperator, Hessian, LinearCombination, Restricted
+from .linalg import (
+    CurvatureOperator,
+    Estimate,
+    LinearCombination,
+    Restricted,
+    SpectralDensity,
+    adaptive_trace,
+    eigsh,
+    exact_rank,
+    frobenius_norm,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    slq,
+)
 from .precision import get_allow_tf32, set_allow_tf32
-from .sharpness import SharpnessReport, sharpness
-from .spectral import SpectralDensity, exact_rank, slq
-from .trace import Estimate, adaptive_trace, frobenius_norm, hutchinson_trace, hutchpp_trace
-from .validate import ValidationReport, validate
 
 __version__ = "0.1.0"
 

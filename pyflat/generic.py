@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
 
-from ._model import parse_mlp
-from .layout import ParameterLayout
-from .operators import CurvatureOperator, check_batch
+from .curvature.checks import check_batch
+from .engines.mlp import parse_mlp
+from .linalg import CurvatureOperator, ParameterLayout
 
 __all__ = ["GenericGGN", "GenericHessian"]
 

@@ -2,7 +2,7 @@
 
 Typed wrappers over ``torch.ops.pyflat.*`` (schemas in csrc/registration.cpp) with fake
 implementations, so the ops work under torch.compile / FakeTensor and pass
-``torch.library.opcheck``. Most users want the operators in :mod:`pyflat.operators`.
+``torch.library.opcheck``. Most users want the operators in :mod:`pyflat.curvature`.
 
 Layout conventions:
 

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from .cli import UsageError, _writable_file
-from .lanczos import eigsh
-from .operators import GGN, Hessian
+from .curvature import GGN, Hessian
+from .linalg import eigsh
 
 __all__ = ["digits", "last_layer_scaling", "logistic_regression_rank", "outliers", "train_mlp"]
 

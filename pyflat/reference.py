@@ -22,8 +22,7 @@ from torch import nn
 from torch.func import grad, jvp, linearize, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .layout import ParameterLayout
-from .operators import CurvatureOperator
+from .linalg import CurvatureOperator, ParameterLayout
 from .precision import full_precision
 
 __all__ = [

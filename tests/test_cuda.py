@@ -145,7 +145,7 @@ def test_data_on_another_device_is_refused():
 def test_labels_out_of_range_on_the_device():
     model = make_mlp([4, 6, 3], "tanh").cuda()
     X, y = make_batch(8, 4, 3)
-    spec = pyflat._model.parse_mlp(model, "test")
+    spec = pyflat.engines.mlp.parse_mlp(model, "test")
     y[0], y[3] = 0, 5
     with pytest.raises(RuntimeError, match=r"target must hold class indices in \[0, 3\); "
                                            r"got values from 0 to 5"):

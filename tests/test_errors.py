@@ -273,7 +273,7 @@ def test_parameter_list_of_wrong_form():
 
 def op_args(model=None):
     model = model or mlp()
-    spec = pyflat._model.parse_mlp(model, "test")
+    spec = pyflat.engines.mlp.parse_mlp(model, "test")
     return spec.weights, spec.biases, spec.activations, spec.activation_params
 
 

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import pyflat
-from pyflat import _graph, precision
+from pyflat import precision
+from pyflat.engines import graph as _graph
 from pyflat.precision import full_precision
 
 from helpers import make_batch, make_mlp, num_params, random_block

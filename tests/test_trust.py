@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 import pyflat
 from pyflat import reference
-from pyflat._model import parse_mlp
+from pyflat.engines.mlp import parse_mlp
 
 from helpers import make_batch, make_mlp, num_params, random_block, relative_error
 
@@ -193,7 +193,7 @@ def test_parametrized_weights_are_refused_by_the_fused_engines(kind):
 def test_model_check_tolerance_sees_a_small_change_in_float32():
     # A function off by 1e-4 relative in float32 passes a 1e-4 check; the check is
     # tied to float32's own error now, so a structural miss cannot slip through it.
-    from pyflat.operators import _forward_tolerance
+    from pyflat.curvature.checks import forward_tolerance as _forward_tolerance
 
     assert _forward_tolerance(torch.float32) < 1e-5
     assert _forward_tolerance(torch.float64) < 1e-12

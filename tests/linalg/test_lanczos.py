@@ -216,7 +216,7 @@ def test_eigsh_finds_every_copy_of_a_repeated_top_eigenvalue(which, k):
 
 
 def test_growing_the_krylov_space_never_copies_the_basis():
-    from pyflat.lanczos import _start
+    from pyflat.linalg.lanczos import _start
     A = symmetric(torch.linspace(-1, 3, 60, dtype=torch.float64), seed=4)
     state = _start(A, 60, None, 0, None, None, 8)
     state.run(8)

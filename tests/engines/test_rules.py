@@ -1,4 +1,4 @@
-"""Each layer rule of the graph engine alone (pyflat/_rules.py), against torch.func in
+"""Each layer rule of the graph engine alone (pyflat/engines/rules.py), against torch.func in
 float64: its forward against the module, its tangent against jvp, its backward against
 vjp (input deltas and parameter rows), and, for the exact Hessian, its second-order terms
 against the derivative of the vjp at the stored gradient delta e along the same
@@ -13,8 +13,9 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call, jvp, vjp
 
-from pyflat import _graph, _rules
-from pyflat.layout import ParameterLayout
+from pyflat.engines import graph as _graph
+from pyflat.engines import rules as _rules
+from pyflat.linalg import ParameterLayout
 
 ACTIVATION_MODULES = [nn.ReLU(), nn.LeakyReLU(0.3), nn.Tanh(), nn.Sigmoid(), nn.GELU(),
                       nn.GELU(approximate="tanh"), nn.Softplus(beta=2.0, threshold=5.0),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._progress import progress_bar
+from .._progress import progress_bar
 from .lanczos import _check_operator, _generator
 
 __all__ = ["Estimate", "adaptive_trace", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]

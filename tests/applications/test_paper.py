@@ -37,7 +37,7 @@ def test_outliers_reports_the_top_of_the_spectrum():
 
 
 def test_pytest_benchmark_suite_collects_every_case():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                               "bench/test_benchmarks.py"], cwd=root, capture_output=True,
                              text=True, check=True).stdout

@@ -11,14 +11,14 @@ derivative, D = delta, e = gradient delta):
   the parameter rows of the result; with the exact Hessian, the second-order terms, read
   from the gradient delta ``e`` (or s'' e) that ``keep_second_order`` stored.
 
-The engine (pyflat/_graph.py) owns the loops and the memory policy: which tangents and
+The engine (pyflat/engines/graph.py) owns the loops and the memory policy: which tangents and
 deltas a rule may overwrite (``overwritable``, ``shared``), which it frees, and where
 deltas that fan out are summed. Rules hold no state of their own; per-node state lives in
 its :class:`Site`. ``MODULE_RULES`` finds a module's rule by type; the engine's capture
 maps traced functions and methods to rules through ``CALL_RULES`` and the affine table.
 
 Adding a layer kind: a Rule subclass with its four passes, an entry in the table, and its
-case in tests/test_rules.py (the rule alone against torch.func in float64).
+case in tests/engines/test_rules.py (the rule alone against torch.func in float64).
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops
-from .activations import CURVED, MODULE_READERS
-from .errors import UnsupportedModel
+from .. import ops
+from ..activations import CURVED, MODULE_READERS
+from ..errors import UnsupportedModel
 
 __all__ = ["Rule", "Site", "Products", "MODULE_RULES", "RULES"]
 
@@ -82,7 +82,7 @@ class Products:
     out: torch.Tensor | None
     k: int
     exact: bool
-    layout: Any  # pyflat.layout.ParameterLayout
+    layout: Any  # pyflat.linalg.ParameterLayout
 
     def direction(self, parameter: torch.Tensor) -> torch.Tensor:
         """The rows of ``parameter`` in the directions: (k, *parameter.shape)."""

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import reference
-from .errors import UnsupportedModel
-from .operators import GGN, Hessian
+from .. import reference
+from ..curvature import GGN, Hessian
+from ..errors import UnsupportedModel
 
 __all__ = ["ValidationReport", "validate"]
 

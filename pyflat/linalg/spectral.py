@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._progress import progress_bar
+from .._progress import progress_bar
 from .lanczos import _check_operator, _generator, tridiagonal
 
 __all__ = ["SpectralDensity", "slq", "exact_rank"]

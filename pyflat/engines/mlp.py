@@ -3,7 +3,7 @@
 The MLP engine takes a chain of Linear layers with at most one elementwise activation
 after each. This module walks an ``nn.Sequential`` (nested ones too), checks that every
 module is one the engine computes exactly, and says which module is not, by its path;
-a model it does not take goes to the graph engine (pyflat/_graph.py) instead.
+a model it does not take goes to the graph engine (pyflat/engines/graph.py) instead.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .activations import MODULE_READERS
-from .errors import UnsupportedModel
+from ..activations import MODULE_READERS
+from ..errors import UnsupportedModel
 
 __all__ = ["MLPSpec", "check_plain_modules", "parse_mlp", "SUPPORTED_MODULES"]
 

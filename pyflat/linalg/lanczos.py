@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._progress import progress_bar
+from .._progress import progress_bar
 
 __all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
 

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .dataset import batches_of
-from .lanczos import eigsh
-from .operators import GGN, Hessian
-from .spectral import slq
-from .trace import _check_count, frobenius_norm, hutchpp_trace
+from ..curvature import GGN, Hessian
+from ..curvature.dataset import batches_of
+from ..linalg import eigsh, frobenius_norm, hutchpp_trace, slq
+from ..linalg.trace import _check_count
 
 __all__ = ["SharpnessReport", "sharpness"]
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pyflat
-from pyflat.layout import ParameterLayout
+from pyflat.linalg import ParameterLayout
 
 from helpers import make_batch, make_mlp
 

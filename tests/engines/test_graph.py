@@ -11,7 +11,8 @@ import torch
 from torch import fx, nn
 
 import pyflat
-from pyflat import _graph, reference
+from pyflat import reference
+from pyflat.engines import graph as _graph
 
 
 class PositionalSum(nn.Module):

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
-from .operators import CurvatureOperator, forward_already_checked
+from ..linalg import CurvatureOperator
+from .checks import forward_already_checked
 
 __all__ = ["DatasetCurvature", "default_cache_bytes"]
 

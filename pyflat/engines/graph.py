@@ -1,7 +1,7 @@
 """The graph engine: GGN and exact Hessian products of convnets and residual networks.
 
 A model is captured once with torch.fx into a list of nodes, each with the rule of its
-layer kind (pyflat/_rules.py: linear, conv, activation, pooling, eval BatchNorm, add,
+layer kind (pyflat/engines/rules.py: linear, conv, activation, pooling, eval BatchNorm, add,
 affine maps, reshapes, identity); the forward pass of a batch is prepared once (what each
 rule caches: activations' s' and s'', max-pooling argmax, BatchNorm's normalised input;
 softmax probabilities and, for the exact Hessian, the gradient deltas of every node);
@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from . import ops
-from ._rules import MODULE_RULES, POOL_FUNCTION_RULES, RULES, Products, Rule, Site, run_fx_node
-from .activations import FUNCTION_READERS, METHOD_NAMES, MODULE_READERS
-from .errors import UnsupportedModel
-from .layout import ParameterLayout
+from .. import ops
+from ..activations import FUNCTION_READERS, METHOD_NAMES, MODULE_READERS
+from ..errors import UnsupportedModel
+from ..linalg import ParameterLayout
+from .rules import MODULE_RULES, POOL_FUNCTION_RULES, RULES, Products, Rule, Site, run_fx_node
 
 __all__ = ["Graph", "GraphEngine", "Node", "SUPPORTED", "capture"]
 
@@ -43,7 +43,7 @@ class Node:
     """One step of the captured model. ``inputs`` index earlier nodes; ``path`` says
     where it comes from (module path or function), for messages."""
 
-    kind: str                          # the rule's name (pyflat._rules.RULES)
+    kind: str                          # the rule's name (pyflat.engines.rules.RULES)
     path: str
     inputs: list[int] = field(default_factory=list)
     module: nn.Module | None = None
@@ -381,7 +381,7 @@ class GraphEngine:
     """Prepared forward of one batch through a captured graph, and the products on it.
 
     The loops and the memory policy live here; what each node computes is its rule's
-    (pyflat/_rules.py). Construction runs the forward to the logits; :meth:`prepare_loss`
+    (pyflat/engines/rules.py). Construction runs the forward to the logits; :meth:`prepare_loss`
     then takes the labels (checked by the caller against ``num_classes``) and prepares the
     rest.
 

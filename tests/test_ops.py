@@ -9,7 +9,7 @@ from helpers import make_batch, make_mlp
 
 
 def network(model):
-    spec = pyflat._model.parse_mlp(model, "test")
+    spec = pyflat.engines.mlp.parse_mlp(model, "test")
     return spec.weights, spec.biases, spec.activations, spec.activation_params
 
 

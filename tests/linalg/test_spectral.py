@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import pyflat
-from pyflat.lanczos import tridiagonal
-from pyflat.spectral import _block_lanczos
+from pyflat.linalg.lanczos import tridiagonal
+from pyflat.linalg.spectral import _block_lanczos
 
 from helpers import symmetric
 
