@@ -15,7 +15,7 @@ import torch
 
 from .._progress import progress_bar
 
-__all__ = ["LanczosResult", "EigshResult", "lanczos", "eigsh"]
+__all__ = ["EigshResult", "LanczosResult", "LanczosRuns", "eigsh", "lanczos"]
 
 # A residual below this fraction of ||A|| counts as a breakdown (an invariant subspace).
 _BREAKDOWN_RTOL = 1e-10
@@ -80,141 +80,185 @@ def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Gen
 
 
 class _Basis:
-    """The Lanczos vectors as rows, in chunks allocated as the run grows: extending never
-    copies, so memory peaks at the basis plus one chunk (the basis a run that is extended
-    in steps of s rows ends with, plus s rows), not at twice the basis."""
+    """The Lanczos vectors of k runs, as rows of (k, rows, n) chunks allocated as the runs
+    grow: extending never copies, so memory peaks at the basis plus one chunk (the basis a
+    run that is extended in steps of s rows ends with, plus s rows), not at twice the
+    basis. The rows may be float32 (``basis_dtype``) to halve the memory of SLQ."""
 
-    def __init__(self, n: int, device: torch.device):
-        self.n, self.device = n, device
+    def __init__(self, n: int, k: int, dtype: torch.dtype, device: torch.device):
+        self.n, self.k, self.dtype, self.device = n, k, dtype, device
         self.chunks: list[torch.Tensor] = []
         self.capacity = 0
 
     def reserve(self, rows: int) -> None:
         if rows > self.capacity:
-            self.chunks.append(torch.zeros(rows - self.capacity, self.n, dtype=torch.float64,
-                                           device=self.device))
+            self.chunks.append(torch.zeros(self.k, rows - self.capacity, self.n,
+                                           dtype=self.dtype, device=self.device))
             self.capacity = rows
 
     def _pieces(self, rows: int):
-        """(start, chunk rows) covering the first ``rows`` rows."""
+        """(start, (k, r, n) chunk) covering the first ``rows`` rows."""
         start = 0
         for chunk in self.chunks:
             if start >= rows:
                 return
-            yield start, chunk[: rows - start]
-            start += chunk.shape[0]
+            yield start, chunk[:, : rows - start]
+            start += chunk.shape[1]
 
-    def row(self, j: int) -> torch.Tensor:
+    def set_rows(self, j: int, Q: torch.Tensor) -> None:
+        """Row j of every run from the columns of Q (n, k)."""
         for start, piece in self._pieces(j + 1):
-            if j < start + piece.shape[0]:
-                return piece[j - start]
+            if j < start + piece.shape[1]:
+                piece[:, j - start].copy_(Q.T)
+                return
         raise IndexError(j)
 
-    def set_row(self, j: int, q: torch.Tensor) -> None:
-        self.row(j).copy_(q)
-
-    def orthogonalize(self, w: torch.Tensor, rows: int) -> torch.Tensor:
-        """w minus its projection on the first ``rows`` rows, twice (twice is enough)."""
+    def orthogonalize(self, W: torch.Tensor, rows: int, columns=slice(None)) -> torch.Tensor:
+        """Each column of W (n, k) minus its projection on the first ``rows`` rows of its
+        own run, twice (twice is enough); ``columns`` picks runs for a W of fewer columns."""
         for _ in range(2):
-            coef = [piece @ w for _, piece in self._pieces(rows)]
+            Wt = W.T.to(self.dtype).unsqueeze(-1)                       # (k, n, 1)
+            coef = [piece[columns] @ Wt for _, piece in self._pieces(rows)]  # (k, r, 1)
             for (_, piece), c in zip(self._pieces(rows), coef):
-                w = w - piece.T @ c
-        return w
+                W = W - (piece[columns].transpose(1, 2) @ c).squeeze(-1).T.to(W.dtype)
+        return W
 
-    def combine(self, S: torch.Tensor) -> torch.Tensor:
-        """Q[:m]^T S for S (m, k): Ritz vectors from the first m rows."""
+    def combine(self, S: torch.Tensor, column: int = 0) -> torch.Tensor:
+        """Q[:m]^T S for S (m, r) of one run: Ritz vectors from its first m rows."""
         out = torch.zeros(self.n, S.shape[1], dtype=torch.float64, device=self.device)
         for start, piece in self._pieces(S.shape[0]):
-            out += piece.T @ S[start: start + piece.shape[0]].to(self.device)
+            rows = piece[column].to(torch.float64)
+            out += rows.T @ S[start: start + rows.shape[0]].to(self.device)
         return out
 
-    def rows(self, m: int) -> torch.Tensor:
-        """The first m rows as one (m, n) tensor: a view where one chunk holds them."""
-        pieces = [piece for _, piece in self._pieces(m)]
+    def rows(self, m: int, column: int = 0) -> torch.Tensor:
+        """The first m rows of one run as one (m, n) tensor: a view where one chunk holds
+        them."""
+        pieces = [piece[column] for _, piece in self._pieces(m)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-class _Lanczos:
-    """The state of a Lanczos run that can be extended step by step."""
+class LanczosRuns:
+    """k independent Lanczos runs on the columns of a start block, advanced together: each
+    step is one block product A @ Q (n, k), so SLQ's probes share every product.
 
-    def __init__(self, A, n: int, v0: torch.Tensor | None, gen: torch.Generator,
-                 device: torch.device, capacity: int):
-        self.A, self.n, self.gen, self.device = A, n, gen, device
-        self.Q = _Basis(n, device)
-        self.Q.reserve(capacity)
-        self.alpha: list[float] = []
-        self.beta: list[float] = []
-        self.breakdowns: list[int] = []
-        self.scale = 0.0  # running estimate of ||A|| for the breakdown test
-        self.exhausted = False
-        if v0 is None:
-            self.q = self._fresh_vector()
-        else:
-            if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
-                got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
-                raise ValueError(f"pyflat.lanczos: v0 must be a tensor of shape ({n},), got {got}")
-            q = v0.detach().to(dtype=torch.float64, device=device)
-            norm = torch.linalg.vector_norm(q)
-            if not torch.isfinite(norm) or norm == 0:
-                raise ValueError("pyflat.lanczos: v0 must be finite and non-zero")
-            self.q = q / norm
+    Each run computes A Q_m^T = Q_m^T T_m + beta_m q_{m+1} e_m^T with T_m tridiagonal
+    (alpha on the diagonal, beta beside it), in float64 whatever the products' dtype.
+    With ``reorthogonalize`` each run keeps its basis (rows of ``basis_dtype``) and every
+    new vector is orthogonalized twice against it (Parlett 1998); without, only the
+    three-term recurrence runs, in O(n) memory per run.
+
+    A residual below 1e-10 x the running estimate of ||A|| is a breakdown: the Krylov
+    space is invariant. With a ``restart`` generator the run goes on from a fresh random
+    vector orthogonal to its basis (beta = 0 there: T decouples), which is how copies of
+    a repeated eigenvalue are found; without, the run stops, its quadrature exact. A run
+    that spans the whole space stops either way.
+    """
+
+    def __init__(self, A, start: torch.Tensor, *, caller: str, reorthogonalize: bool = True,
+                 basis_dtype: torch.dtype = torch.float64,
+                 restart: torch.Generator | None = None, capacity: int = 0):
+        n, k = start.shape
+        if restart is not None and not reorthogonalize:
+            raise ValueError("restarting after a breakdown needs the basis (reorthogonalize)")
+        self.A, self.n, self.k, self.caller, self.restart = A, n, k, caller, restart
+        self.device = start.device
+        self.Q = _Basis(n, k, basis_dtype, start.device) if reorthogonalize else None
+        if self.Q is not None:
+            self.Q.reserve(capacity)
+        self.q = start.to(torch.float64) / torch.linalg.vector_norm(start, dim=0)
+        self.q_prev = torch.zeros_like(self.q)
+        self.alpha: list[torch.Tensor] = []   # per step, (k,) float64 on the CPU
+        self.beta: list[torch.Tensor] = []
+        self.active = torch.ones(k, dtype=torch.bool)
+        #: per run, the steps it took (until a stop or the whole space)
+        self.lengths = [0] * k
+        #: per run, the steps after which an invariant subspace was found
+        self.breakdowns: list[list[int]] = [[] for _ in range(k)]
+        self.scale = torch.zeros(k, dtype=torch.float64)  # running ||A|| estimates
 
     @property
     def steps(self) -> int:
         return len(self.alpha)
 
-    def _orthogonalize(self, w: torch.Tensor, j: int) -> torch.Tensor:
-        return self.Q.orthogonalize(w, j)
+    @property
+    def exhausted(self) -> bool:
+        """Whether every run has stopped."""
+        return not bool(self.active.any())
 
-    def _fresh_vector(self) -> torch.Tensor | None:
-        """A random unit vector orthogonal to the basis, or None if it spans everything."""
+    def fresh_vector(self, column: int, rows: int) -> torch.Tensor | None:
+        """A random unit vector orthogonal to the first ``rows`` rows of one run's basis,
+        or None if they span everything."""
         for _ in range(3):
-            w = torch.randn(self.n, generator=self.gen, dtype=torch.float64).to(self.device)
-            w = self._orthogonalize(w, self.steps)
+            w = torch.randn(self.n, generator=self.restart, dtype=torch.float64).to(self.device)
+            if self.Q is not None:
+                w = self.Q.orthogonalize(w.view(-1, 1), rows, slice(column, column + 1))[:, 0]
             norm = torch.linalg.vector_norm(w)
             if norm > 1e-8:
                 return w / norm
         return None
 
     def run(self, until: int, bar=None) -> None:
-        self.Q.reserve(min(until, self.n))
+        """Advances the active runs to ``until`` steps (at most n)."""
+        until = min(until, self.n)
+        if self.Q is not None:
+            self.Q.reserve(until)
         while self.steps < until and not self.exhausted:
             j = self.steps
             q = self.q
-            self.Q.set_row(j, q)
-            w = self.A @ q.to(dtype=self.A.dtype, device=self.A.device)
-            w = w.to(dtype=torch.float64, device=self.device)
-            if not bool(torch.isfinite(w).all()):
-                raise ValueError(f"pyflat.lanczos: A @ q returned NaN or inf at step {j}")
-            a = float(torch.dot(q, w))
-            w = w - a * q
+            if self.Q is not None:
+                self.Q.set_rows(j, q)
+            block = q.to(dtype=self.A.dtype, device=self.A.device)
+            # one run multiplies a vector: operators that take only (n,) vectors work too
+            W = self.A @ block[:, 0] if self.k == 1 else self.A @ block
+            W = W.to(dtype=torch.float64, device=self.device).view(self.n, self.k)
+            if not bool(torch.isfinite(W).all()):
+                raise ValueError(f"{self.caller}: A @ q returned NaN or inf at step {j}")
+            a = (q * W).sum(0)
+            W = W - a * q
             if j > 0:
-                w = w - self.beta[j - 1] * self.Q.row(j - 1)
-            w = self._orthogonalize(w, j + 1)
-            b = float(torch.linalg.vector_norm(w))
-            self.scale = max(self.scale, abs(a) + b + (self.beta[j - 1] if j else 0.0))
-            self.alpha.append(a)
-            if b <= _BREAKDOWN_RTOL * max(self.scale, 1e-300) or j + 1 == self.n:
-                # Invariant subspace: T decouples here; go on from a fresh vector.
-                self.beta.append(0.0)
-                if j + 1 < self.n:
-                    self.breakdowns.append(j)
-                fresh = self._fresh_vector() if j + 1 < self.n else None
+                W = W - self.beta[j - 1].to(self.device) * self.q_prev
+            if self.Q is not None:
+                W = self.Q.orthogonalize(W, j + 1)
+            b = torch.linalg.vector_norm(W, dim=0).cpu()
+            a = a.cpu()
+            self.scale = torch.maximum(self.scale, a.abs() + b + (self.beta[j - 1] if j else 0))
+            stops = self.active & (b <= _BREAKDOWN_RTOL * self.scale.clamp(min=1e-300))
+            if j + 1 == self.n:
+                stops = self.active.clone()
+            q_next = W / torch.where(stops | ~self.active, 1.0, b).to(self.device)
+            for col in torch.nonzero(stops).flatten().tolist():
+                fresh = None
+                if self.restart is not None and j + 1 < self.n:
+                    b[col] = 0.0  # T decouples here
+                    self.breakdowns[col].append(j)
+                    fresh = self.fresh_vector(col, j + 1)
                 if fresh is None:
-                    self.exhausted = True
+                    self.active[col] = False
+                    self.lengths[col] = j + 1
+                    q_next[:, col] = 0
                 else:
-                    self.q = fresh
-            else:
-                self.beta.append(b)
-                self.q = w / b
+                    q_next[:, col] = fresh
+            q_next[:, ~self.active.to(self.device)] = 0
+            self.alpha.append(a)
+            self.beta.append(b)
+            self.q_prev, self.q = q, q_next
             if bar is not None:
                 bar.update(1)
+        for col in torch.nonzero(self.active).flatten().tolist():
+            self.lengths[col] = self.steps
 
-    def result(self, keep_basis: bool = True) -> LanczosResult:
-        m = self.steps
-        return LanczosResult(torch.tensor(self.alpha, dtype=torch.float64),
-                             torch.tensor(self.beta, dtype=torch.float64),
-                             self.Q.rows(m) if keep_basis else None, list(self.breakdowns))
+    def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha and beta, each (steps, k) float64."""
+        return torch.stack(self.alpha), torch.stack(self.beta)
+
+    def result(self, column: int = 0, keep_basis: bool = True) -> LanczosResult:
+        """One run's coefficients, basis and breakdowns."""
+        m = self.lengths[column]
+        alpha, beta = self.coefficients()
+        basis = self.Q.rows(m, column) if keep_basis and self.Q is not None else None
+        return LanczosResult(alpha[:m, column].clone(), beta[:m, column].clone(), basis,
+                             list(self.breakdowns[column]))
 
 
 def lanczos(A, num_steps: int, v0: torch.Tensor | None = None, *,
@@ -248,19 +292,31 @@ def lanczos(A, num_steps: int, v0: torch.Tensor | None = None, *,
     if not isinstance(num_steps, int) or not 1 <= num_steps <= n:
         raise ValueError(f"pyflat.lanczos: num_steps must be an int in [1, {n}], got "
                          f"{num_steps!r}")
-    state = _start(A, n, v0, seed, generator, basis_device, num_steps)
+    state = _start(A, n, v0, seed, generator, basis_device, num_steps, "pyflat.lanczos")
     bar = progress_bar(num_steps, "pyflat.lanczos", progress)
     try:
         state.run(num_steps, bar)
     finally:
         bar.close()
-    return state.result(keep_basis)
+    return state.result(keep_basis=keep_basis)
 
 
-def _start(A, n, v0, seed, generator, basis_device, capacity) -> _Lanczos:
+def _start(A, n, v0, seed, generator, basis_device, capacity, caller) -> LanczosRuns:
+    """One run from v0, or from a Gaussian draw of the generator (which also draws the
+    fresh vectors after breakdowns)."""
     gen = _generator(seed, generator)
     device = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
-    return _Lanczos(A, n, v0, gen, device, capacity)
+    if v0 is None:
+        q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+    else:
+        if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
+            got = tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__
+            raise ValueError(f"{caller}: v0 must be a tensor of shape ({n},), got {got}")
+        q = v0.detach().to(dtype=torch.float64, device=device)
+        norm = torch.linalg.vector_norm(q)
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(f"{caller}: v0 must be finite and non-zero")
+    return LanczosRuns(A, q.view(-1, 1), caller=caller, restart=gen, capacity=capacity)
 
 
 @dataclass
@@ -381,7 +437,7 @@ def eigsh(A, k: int = 6, which: str = "LA", ncv: int | None = None,
         raise ValueError(f"pyflat.eigsh: tol must be a finite number >= 0, got {tol!r}")
     rtol = tol if tol > 0 else 100 * torch.finfo(A.dtype).eps
 
-    state = _start(A, n, v0, seed, generator, basis_device, ncv)
+    state = _start(A, n, v0, seed, generator, basis_device, ncv, "pyflat.eigsh")
     target = ncv
     bar = progress_bar(None, f"pyflat.eigsh k={k} {which}", progress)
     while True:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .._progress import progress_bar
-from .lanczos import _check_operator, _generator, tridiagonal
+from .lanczos import LanczosRuns, _check_operator, _generator, tridiagonal
 
 __all__ = ["SpectralDensity", "slq", "exact_rank"]
 
@@ -239,8 +239,11 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
     bar = progress_bar(num_steps * ((num_probes + group - 1) // group), "pyflat.slq", progress)
     for start in range(0, num_probes, group):
         block = probes[:, start:start + group].to(device)
-        alpha, beta, lengths = _block_lanczos(A, block, num_steps, reorthogonalize,
-                                              basis_dtype, bar)
+        runs = LanczosRuns(A, block, caller="pyflat.slq", reorthogonalize=reorthogonalize,
+                           basis_dtype=basis_dtype, capacity=num_steps)
+        runs.run(num_steps, bar)
+        alpha, beta = runs.coefficients()
+        lengths = runs.lengths
         for j in range(block.shape[1]):
             m = lengths[j]
             theta, S = torch.linalg.eigh(tridiagonal(alpha[:m, j], beta[: m - 1, j]))
@@ -256,51 +259,6 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
                 "basis_dtype": str(basis_dtype).replace("torch.", ""), "products": num_probes *
                 num_steps}
     return SpectralDensity(torch.stack(nodes), torch.stack(weights), n, settings)
-
-
-def _block_lanczos(A, probes: torch.Tensor, steps: int, reorthogonalize: bool,
-                   basis_dtype: torch.dtype, bar=None):
-    """Independent Lanczos runs on the columns of ``probes`` (n, k), advanced together.
-
-    Returns alpha, beta (steps, k) float64 and each run's length (it stops at a
-    breakdown, where its Krylov space is invariant and its quadrature exact)."""
-    n, k = probes.shape
-    q = probes / torch.linalg.vector_norm(probes, dim=0)
-    q_prev = torch.zeros_like(q)
-    alpha = torch.zeros(steps, k, dtype=torch.float64)
-    beta = torch.zeros(steps, k, dtype=torch.float64)
-    lengths = [steps] * k
-    active = torch.ones(k, dtype=torch.bool)
-    Q = torch.zeros(k, steps, n, dtype=basis_dtype, device=q.device) if reorthogonalize else None
-    scale = torch.zeros(k, dtype=torch.float64)
-    for j in range(steps):
-        if Q is not None:
-            Q[:, j] = q.T.to(basis_dtype)
-        W = (A @ q.to(dtype=A.dtype, device=A.device)).to(dtype=torch.float64, device=q.device)
-        if not bool(torch.isfinite(W).all()):
-            raise ValueError(f"pyflat.slq: A @ q returned NaN or inf at step {j}")
-        a = (q * W).sum(0)
-        W = W - a * q - (beta[j - 1].to(q.device) * q_prev if j > 0 else 0)
-        if Q is not None:
-            for _ in range(2):  # twice is enough
-                basis = Q[:, : j + 1]                                   # (k, j+1, n)
-                coef = torch.einsum("kjn,nk->kj", basis, W.to(basis_dtype))
-                W = W - torch.einsum("kjn,kj->nk", basis, coef).to(torch.float64)
-        b = torch.linalg.vector_norm(W, dim=0)
-        alpha[j] = a.cpu()
-        beta[j] = b.cpu()
-        if bar is not None:
-            bar.update(1)
-        scale = torch.maximum(scale, alpha[j].abs() + beta[j] + (beta[j - 1] if j else 0))
-        done = active & (beta[j] <= 1e-10 * scale.clamp(min=1e-300))
-        for col in torch.nonzero(done).flatten().tolist():
-            lengths[col] = j + 1
-        active &= ~done
-        if j + 1 == steps or not bool(active.any()):
-            break
-        safe = torch.where(active.to(q.device), b, torch.ones_like(b))
-        q_prev, q = q, torch.where(active.to(q.device), W / safe, torch.zeros_like(W))
-    return alpha, beta, lengths
 
 
 def exact_rank(A, rtol: float = 1e-3) -> dict:

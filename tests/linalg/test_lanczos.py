@@ -5,6 +5,7 @@ import scipy.sparse.linalg
 import torch
 
 import pyflat
+from pyflat.linalg.lanczos import LanczosRuns, tridiagonal
 
 from helpers import make_batch, make_mlp, symmetric
 
@@ -218,19 +219,73 @@ def test_eigsh_finds_every_copy_of_a_repeated_top_eigenvalue(which, k):
 def test_growing_the_krylov_space_never_copies_the_basis():
     from pyflat.linalg.lanczos import _start
     A = symmetric(torch.linspace(-1, 3, 60, dtype=torch.float64), seed=4)
-    state = _start(A, 60, None, 0, None, None, 8)
+    state = _start(A, 60, None, 0, None, None, 8, "test")
     state.run(8)
     first = state.Q.chunks[0].data_ptr()
     for until in (12, 16, 30):
         state.run(until)
     # the rows written before stay where they were; capacity is what was asked, no more
     assert state.Q.chunks[0].data_ptr() == first
-    assert state.Q.capacity == sum(c.shape[0] for c in state.Q.chunks) == 30
+    assert state.Q.capacity == sum(c.shape[1] for c in state.Q.chunks) == 30
     basis = state.result().basis
     assert basis.shape == (30, 60)
     assert torch.allclose(basis @ basis.T, torch.eye(30, dtype=torch.float64), atol=1e-12)
     # one run to 30 steps gives the same numbers as the run grown in steps
-    whole = _start(A, 60, None, 0, None, None, 30)
+    whole = _start(A, 60, None, 0, None, None, 30, "test")
     whole.run(30)
-    assert torch.allclose(torch.tensor(whole.alpha), torch.tensor(state.alpha), rtol=0,
+    assert torch.allclose(torch.stack(whole.alpha), torch.stack(state.alpha), rtol=0,
                           atol=1e-12)
+
+
+def test_runs_advanced_together_equal_runs_alone():
+    """The one Lanczos core serves eigsh/lanczos (one run) and SLQ (a block of runs): each
+    column of a block run is the run that column alone would give."""
+    A = symmetric(torch.linspace(-2, 5, 80, dtype=torch.float64), seed=7)
+    starts = torch.randn(80, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    together = LanczosRuns(A, starts, caller="test", capacity=25)
+    together.run(25)
+    alpha, beta = together.coefficients()
+    for col in range(3):
+        alone = LanczosRuns(A, starts[:, col:col + 1], caller="test", capacity=25)
+        alone.run(25)
+        a, b = alone.coefficients()
+        assert torch.allclose(alpha[:, col], a[:, 0], rtol=0, atol=1e-12)
+        assert torch.allclose(beta[:, col], b[:, 0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_runs_without_restart_stop_at_their_invariant_subspace(reorthogonalize):
+    """Without a restart generator (SLQ) a run stops where its Krylov space is invariant:
+    on a matrix with 4 distinct eigenvalues after at most 4 steps, its quadrature exact."""
+    values = torch.tensor([0.0] * 20 + [1.0] * 10 + [3.0] * 5 + [-2.0] * 5, dtype=torch.float64)
+    A = symmetric(values, seed=2)
+    starts = torch.randn(40, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    runs = LanczosRuns(A, starts, caller="test", reorthogonalize=reorthogonalize, capacity=12)
+    runs.run(12)
+    assert runs.exhausted and runs.lengths == [4, 4, 4, 4]
+    assert runs.steps == 4 and all(not b for b in runs.breakdowns)
+    alpha, beta = runs.coefficients()
+    for col in range(4):
+        theta = torch.linalg.eigvalsh(tridiagonal(alpha[:4, col], beta[:3, col]))
+        assert torch.allclose(theta, torch.tensor([-2.0, 0.0, 1.0, 3.0], dtype=torch.float64),
+                              atol=1e-10)
+
+
+def test_runs_with_restart_go_on_past_breakdowns_per_column():
+    """With a restart generator each run continues from a fresh vector orthogonal to its
+    own basis, and records where its space closed; runs in one block do so independently."""
+    values = torch.tensor([0.0] * 10 + [1.0] * 10 + [2.0] * 10, dtype=torch.float64)
+    A = symmetric(values, seed=5)
+    starts = torch.randn(30, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    runs = LanczosRuns(A, starts, caller="test", restart=torch.Generator().manual_seed(9),
+                       capacity=30)
+    runs.run(30)
+    for col in range(2):
+        res = runs.result(col)
+        assert res.breakdowns[0] == 2  # three distinct eigenvalues: closed after 3 steps
+        assert torch.allclose(res.basis @ res.basis.T, torch.eye(res.steps, dtype=torch.float64),
+                              atol=1e-10)
+        theta = torch.linalg.eigvalsh(res.tridiagonal())
+        # every copy of each eigenvalue is found, one per closed block
+        for value in (0.0, 1.0, 2.0):
+            assert int(((theta - value).abs() < 1e-8).sum()) == 10

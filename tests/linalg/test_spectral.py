@@ -3,10 +3,16 @@ import pytest
 import torch
 
 import pyflat
-from pyflat.linalg.lanczos import tridiagonal
-from pyflat.linalg.spectral import _block_lanczos
+from pyflat.linalg.lanczos import LanczosRuns, tridiagonal
 
 from helpers import symmetric
+
+
+def block_lanczos(A, probes, steps):
+    """Independent reorthogonalized runs on the columns of probes, as SLQ runs them."""
+    runs = LanczosRuns(A, probes, caller="test", capacity=steps)
+    runs.run(steps)
+    return (*runs.coefficients(), runs.lengths)
 
 
 def quadrature(alpha, beta, lengths, j):
@@ -21,7 +27,7 @@ def test_quadrature_identity_for_each_probe():
     gen = torch.Generator().manual_seed(1)
     A = symmetric(torch.randn(120, generator=gen, dtype=torch.float64), seed=2)
     probes = torch.randn(120, 5, generator=gen, dtype=torch.float64)
-    alpha, beta, lengths = _block_lanczos(A, probes, 30, True, torch.float64)
+    alpha, beta, lengths = block_lanczos(A, probes, 30)
     for j in range(5):
         theta, tau = quadrature(alpha, beta, lengths, j)
         q = probes[:, j] / probes[:, j].norm()
@@ -139,7 +145,7 @@ def test_quadrature_identity_and_hutchinson_on_a_real_ggn(digits_mlp):
     dense = G.to_dense()
     gen = torch.Generator().manual_seed(3)
     probes = torch.randn(G.shape[0], 3, generator=gen, dtype=torch.float64)
-    alpha, beta, lengths = _block_lanczos(G, probes, 40, True, torch.float64)
+    alpha, beta, lengths = block_lanczos(G, probes, 40)
     for j in range(3):
         theta, tau = quadrature(alpha, beta, lengths, j)
         q = probes[:, j] / probes[:, j].norm()
