@@ -381,7 +381,7 @@ def test_a_shuffled_loader_with_some_batches_cached_is_refused():
 
     X, y = make_batch(12, 5, 3)
     model = make_mlp([5, 6, 3], "tanh", seed=1)
-    one_batch = pyflat.GGN(model, (X[:4], y[:4]), reduction="sum")._prepared_bytes()
+    one_batch = pyflat.GGN(model, (X[:4], y[:4]), reduction="sum").backend_operator.prepared_bytes()
     loader = DataLoader(TensorDataset(X, y), batch_size=4, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="no shuffle unless nothing is cached"):

@@ -2,10 +2,11 @@
 
 The data-set curvature is sum_i (B_i / N) G_i for mean reduction (G_i the mean-reduced
 batch curvature), i.e. the sum over batches of the sum-reduced curvatures divided by the
-total sample count N: a short last batch weighs what its samples weigh. The L2 term is
-added once, after the sum. Prepared batches (the forward quantities the products reuse)
-are kept while they fit a memory budget; batches beyond it are prepared again for every
-product from the data source, which must then yield the same batches each pass.
+total sample count N: a short last batch weighs what its samples weigh (the front door
+adds the L2 term once, after the sum). Prepared batches (the forward quantities the
+products reuse) are kept while they fit a memory budget; batches beyond it are prepared
+again for every product from the data source, which must then yield the same batches each
+pass.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..linalg import CurvatureOperator
+from .batch import BatchCurvature
 from .checks import forward_already_checked
 
 __all__ = ["DatasetCurvature", "default_cache_bytes"]
@@ -109,16 +111,15 @@ class DatasetCurvature(CurvatureOperator):
             batches prepared again pass the backend chosen at construction.
         batches: a function returning a fresh iterator over (X, y) batches.
         reduction: "mean" (divide by the total sample count) or "sum".
-        weight_decay: mu of mu I, added once.
         cache_bytes: memory for prepared batches; beyond it batches are re-prepared.
         device, dtype: where batches go (the model's).
         distributed, process_group: each rank holds a shard of the data; the sample count,
             the loss and every product are summed across the ranks of the group (NCCL on
-            GPUs, gloo on CPUs) with one all_reduce, and the L2 term is added after it.
+            GPUs, gloo on CPUs) with one all_reduce.
     """
 
     def __init__(self, make_batch_operator, batches: Callable[[], Iterable], *,
-                 reduction: str, weight_decay: float, cache_bytes: int,
+                 reduction: str, cache_bytes: int,
                  device: torch.device, dtype: torch.dtype, caller: str,
                  process_group=None, distributed: bool = False,
                  model: torch.nn.Module | None = None):
@@ -130,7 +131,7 @@ class DatasetCurvature(CurvatureOperator):
         # batches past the budget are prepared again from the live model: it must be the
         # model as it was now, or the operator would stop being a snapshot
         self._model_print = None if model is None else _state_fingerprint(model)
-        self._cached: list[CurvatureOperator] = []
+        self._cached: list[BatchCurvature] = []
         held = 0
         num_samples, num_batches, loss_sum = 0, 0, 0.0
         first = None
@@ -143,7 +144,7 @@ class DatasetCurvature(CurvatureOperator):
             num_batches += 1
             num_samples += op.num_samples
             loss_sum += op.loss
-            size = op._prepared_bytes()
+            size = op.prepared_bytes()
             if len(self._cached) == num_batches - 1 and held + size <= cache_bytes:
                 self._cached.append(op)
                 held += size
@@ -168,7 +169,7 @@ class DatasetCurvature(CurvatureOperator):
         self.engine = first.engine
         self.num_samples, self.num_batches = num_samples, num_batches
         self.num_classes = first.num_classes
-        self.reduction, self.weight_decay = reduction, float(weight_decay)
+        self.reduction = reduction
         self._distributed = distributed
         self._scale = 1.0 / num_samples if reduction == "mean" else 1.0
         #: the data set's cross-entropy (mean over all samples, or their sum)
@@ -244,7 +245,4 @@ class DatasetCurvature(CurvatureOperator):
             import torch.distributed as dist
 
             dist.all_reduce(out, group=self._group)  # one reduction of the parameter-sized sum
-        out.mul_(self._scale)
-        if self.weight_decay:  # once, after the reduction
-            out.add_(V, alpha=self.weight_decay)
-        return out
+        return out.mul_(self._scale)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import pyflat
-import pyflat.curvature.operators
+import pyflat.curvature.batch
 import pyflat.engines.rules
 from pyflat import reference
 
@@ -105,7 +105,7 @@ def test_a_type_error_inside_an_engine_propagates(monkeypatch, engine, operator)
         monkeypatch.setattr(pyflat.engines.rules.Conv, "forward", _raise_type_error)
         model, data = _convnet(), _images()
     else:  # inside the fused op's call
-        monkeypatch.setattr(pyflat.curvature.operators.ops, "mlp_forward", _raise_type_error)
+        monkeypatch.setattr(pyflat.curvature.batch.ops, "mlp_forward", _raise_type_error)
         model, data = make_mlp([4, 5, 3]), make_batch(6, 4, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning either
@@ -118,7 +118,7 @@ def test_a_type_error_inside_an_engine_propagates(monkeypatch, engine, operator)
 
 def test_a_type_error_while_reading_the_chain_is_not_taken_for_a_non_chain(monkeypatch):
     """parse_mlp refusing a model sends it to the graph engine; parse_mlp failing must not."""
-    monkeypatch.setattr(pyflat.curvature.operators, "parse_mlp", _raise_type_error)
+    monkeypatch.setattr(pyflat.curvature.batch, "parse_mlp", _raise_type_error)
     with pytest.raises(TypeError, match="an engine bug"):
         pyflat.GGN(make_mlp([4, 5, 3]), make_batch(6, 4, 3))
 

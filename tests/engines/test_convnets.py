@@ -285,7 +285,8 @@ def test_blocks_wider_than_the_memory_budget_are_split():
     op = pyflat.GGN(model, data)
     V = random_block(num_params(model), 5)
     whole = op @ V
-    op.block_memory_bytes = op._bytes_per_direction * 2  # two directions per call
+    batch = op.backend_operator
+    batch.block_memory_bytes = batch._bytes_per_direction * 2  # two directions per call
     assert relative_error(op @ V, whole) < 1e-13  # other GEMM shapes: rounding only
 
 

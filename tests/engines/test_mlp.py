@@ -167,6 +167,7 @@ def test_wide_blocks_are_split_under_the_memory_bound(product, monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(pyflat.ops, name, counting)
-    monkeypatch.setattr(op, "block_memory_bytes", 1)  # one direction per call
+    # one direction per call
+    monkeypatch.setattr(op.backend_operator, "block_memory_bytes", 1)
     torch.testing.assert_close(op @ V, whole, rtol=1e-14, atol=1e-16)
     assert calls == [1] * 7
