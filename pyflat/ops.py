@@ -14,6 +14,17 @@ Layout conventions:
 * The per-layer ops (``activation_*``, ``softmax_*``), which the graph engine for convnets
   and residual networks calls, take primal tensors as (B, features...) and tangents or
   deltas of k directions as (B, k, features...).
+* Tensors are float32 or float64, all of one call in the dtype and on the device of its
+  first tensor; targets are int64 class indices.
+
+The math: each layer maps its input a to z = a W^T + b and then s(z) (the first layer's
+input is ``input``, the last layer's output the (B, C) logits f). The GGN product
+G v = J^T H_loss J v (Schraudolph 2002; Martens 2010) runs Pearlmutter's R-forward
+(Pearlmutter 1994) for the tangent J v, the cross-entropy Hessian H_loss = diag(p) - p p^T
+per sample (over B for ``"mean"``), and the backward for J^T. The exact Hessian adds the
+network's second-order terms, read from the gradient deltas e = dloss/dz of the prepared
+batch: s''(z) * dloss/ds times the tangent of z, and the cross terms of a weight's
+direction with the tangent of the layer's input.
 """
 from __future__ import annotations
 
@@ -80,6 +91,9 @@ def mlp_forward(input: torch.Tensor, target: torch.Tensor, weights: Sequence[tor
         weights, biases, activations, activation_params: the network (module docstring).
         reduction: ``"mean"`` or ``"sum"`` over the batch.
         with_hessian_terms: also prepare the gradient terms the exact Hessian needs.
+
+    Returns:
+        A :class:`PreparedBatch` in the input's dtype and on its device.
     """
     out = torch.ops.pyflat.mlp_forward.default(
         input, target, list(weights), list(biases), list(activations),
@@ -91,7 +105,14 @@ def mlp_ggn_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
                    biases: Sequence[torch.Tensor | None], activations: Sequence[str],
                    prepared: PreparedBatch, directions: torch.Tensor,
                    reduction: str = "mean") -> torch.Tensor:
-    """GGN products G V = J^T H_loss J V for a (k, P) block of directions; returns (k, P)."""
+    """GGN products G V = J^T H_loss J V for a (k, P) block of directions; returns (k, P).
+
+    J is the (B*C, P) Jacobian of the logits, H_loss the block-diagonal cross-entropy
+    Hessian diag(p_b) - p_b p_b^T (divided by B for ``"mean"``). Each row of
+    ``directions`` is one direction in the layout of the module docstring, in the input's
+    dtype and on its device; ``prepared`` comes from :func:`mlp_forward` on the same
+    network and input (any ``with_hessian_terms``).
+    """
     return torch.ops.pyflat.mlp_ggn_matmat.default(
         input, list(weights), list(biases), list(activations), prepared.probs,
         prepared.hidden, prepared.first_derivs, directions, reduction)
@@ -103,7 +124,10 @@ def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
                        reduction: str = "mean") -> torch.Tensor:
     """Exact Hessian products H V for a (k, P) block of directions; returns (k, P).
 
-    ``prepared`` must come from :func:`mlp_forward` with ``with_hessian_terms=True``.
+    H = J^T H_loss J + sum_{b,c} (dloss/df_{bc}) d^2 f_{bc} / dtheta^2: the GGN product of
+    :func:`mlp_ggn_matmat` plus the network's own curvature weighted by the loss
+    gradient. ``prepared`` must come from :func:`mlp_forward` with
+    ``with_hessian_terms=True``; directions as :func:`mlp_ggn_matmat`.
     """
     return torch.ops.pyflat.mlp_hessian_matmat.default(
         input, list(weights), list(biases), list(activations), prepared.probs,
@@ -114,7 +138,12 @@ def mlp_hessian_matmat(input: torch.Tensor, weights: Sequence[torch.Tensor],
 def activation_forward(z: torch.Tensor, activation: str, param0: float = 0.0,
                        param1: float = 0.0, with_second: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(s(z), s'(z), s''(z) or None) of an activation named as in :data:`ACTIVATIONS`."""
+    """(s(z), s'(z), s''(z) or None) of an activation named as in :data:`ACTIVATIONS`.
+
+    ``z`` is (B, features...); each result has its shape and dtype. ``param0``,
+    ``param1`` are the activation's two parameters (see :data:`ACTIVATIONS`); s'' is
+    computed only ``with_second``.
+    """
     value, first, second = torch.ops.pyflat.activation_forward.default(
         z, activation, float(param0), float(param1), with_second)
     return value, first, second if with_second else None
@@ -129,20 +158,37 @@ def activation_delta_(delta: torch.Tensor, first: torch.Tensor | None,
                       curvature: torch.Tensor | None = None,
                       tangent_in: torch.Tensor | None = None) -> torch.Tensor:
     """In place on a contiguous delta (B, k, f...): delta = s' * delta + curvature *
-    tangent_in (the second term for exact Hessians, curvature = s'' * dloss/ds)."""
+    tangent_in (the second term for exact Hessians, curvature = s'' * dloss/ds).
+
+    ``first`` and ``curvature`` are (B, f...) and broadcast over the k directions;
+    ``first`` None means s' = 1 (the identity); ``tangent_in`` (B, k, f...) is the
+    tangent of z and is required with ``curvature``. Returns ``delta``.
+    """
     torch.ops.pyflat.activation_delta_.default(delta, first, curvature, tangent_in)
     return delta
 
 
 def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, probs, dloss/dlogits) of the cross-entropy; logits (B, C), target (B,)."""
+    """(loss, probs, dloss/dlogits) of the cross-entropy; logits (B, C), target (B,).
+
+    loss is a 0-dim tensor, (1/B) sum_b -log p_{b,y_b} for ``"mean"`` (the sum for
+    ``"sum"``); probs = softmax(logits) and dloss/dlogits = p - onehot(y) (over B for
+    ``"mean"``) are (B, C). Computed per row in float64 without forming 1 - p_y, so
+    they keep their digits when the model is confident. ``target`` is int64 in [0, C).
+    """
     return torch.ops.pyflat.softmax_cross_entropy.default(logits, target, reduction)
 
 
 def softmax_hessian(probs: torch.Tensor, tangent: torch.Tensor, reduction: str = "mean"
                     ) -> torch.Tensor:
-    """The cross-entropy's Hessian w.r.t. the logits on k tangents: (B, k, C) -> (B, k, C)."""
+    """The cross-entropy's Hessian w.r.t. the logits on k tangents: (B, k, C) -> (B, k, C).
+
+    Per sample b and direction j: (diag(p_b) - p_b p_b^T) u = p_b * (u - p_b . u), divided
+    by B for ``"mean"``, with ``probs`` (B, C) from :func:`softmax_cross_entropy`. It is
+    evaluated as p_b * (w - p_b . w) with w = u - u_m (m the most probable class), which
+    is equal and avoids the cancellation of terms near p_m ~ 1.
+    """
     return torch.ops.pyflat.softmax_hessian.default(probs, tangent, reduction)
 
 
@@ -209,9 +255,9 @@ def _softmax_cross_entropy_fake(logits, target, reduction):
 
 
 def transpose(matrix: torch.Tensor) -> torch.Tensor:
-    """``matrix.t()`` as a new row-major tensor: how the operators move blocks of
-    directions between their (P, k) layout and the products' (k, P) one (on CPU a tiled
-    loop, several times faster than a strided copy for such skinny matrices)."""
+    """``matrix.t()`` as a new row-major tensor, (m, n) -> (n, m): how the operators move
+    blocks of directions between their (P, k) layout and the products' (k, P) one (on CPU
+    a tiled loop, several times faster than a strided copy for such skinny matrices)."""
     return torch.ops.pyflat.transpose.default(matrix)
 
 

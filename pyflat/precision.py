@@ -56,7 +56,16 @@ _OPS = ("matmul", "conv")
 
 
 def set_allow_tf32(enabled: bool) -> None:
-    """Lets pyflat's products (and the reference) use TF32 GEMMs on NVIDIA GPUs."""
+    """Lets pyflat's products (and the reference) use TF32 GEMMs on NVIDIA GPUs.
+
+    A process-wide switch, False by default. With it on, float32 GEMMs and convolutions
+    inside pyflat's products on a CUDA device run in TF32 (10 mantissa bits: a float32
+    GGN product is then off by ~1e-3 relative); float64 products, CPU products and
+    torch's own settings outside the products are unaffected.
+
+    Args:
+        enabled: a bool (TypeError otherwise).
+    """
     global _ALLOW_TF32
     if not isinstance(enabled, bool):
         raise TypeError(f"set_allow_tf32: enabled must be a bool, got {type(enabled).__name__}")
@@ -64,6 +73,8 @@ def set_allow_tf32(enabled: bool) -> None:
 
 
 def get_allow_tf32() -> bool:
+    """Whether pyflat's products may use TF32 on NVIDIA GPUs (:func:`set_allow_tf32`);
+    False unless set."""
     return _ALLOW_TF32
 
 

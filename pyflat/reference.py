@@ -8,7 +8,20 @@ slot once: see :func:`_substituted`), so any model works here, fused engine or n
 its own cancellation-free form (:func:`cross_entropy_hessian_matmat`), not autograd's.
 
 Vectors use the flat layout of the operators: the parameters of ``model.parameters()``
-flattened and concatenated (P entries); blocks are (P, k).
+flattened and concatenated (P entries); blocks are (P, k), on the device of the model's
+parameters and normally in their dtype. ``data`` is a batch ``(X, y)``: X (B, ...) as the
+model takes it, y (B,) class indices in [0, C); the logits f(theta) are (B, C).
+
+The math, for the loss L(theta) = l(f(theta)) with l the cross-entropy:
+
+* GGN (Schraudolph 2002; Martens 2010): G = J^T H_loss J, with J = df/dtheta the
+  (B*C, P) Jacobian of the logits and H_loss the Hessian of l w.r.t. the logits, block
+  diagonal with diag(p_b) - p_b p_b^T per sample b (p_b = softmax(f_b); divided by B for
+  ``reduction="mean"``).
+* Hessian: H = G + sum_{b,c} g_{bc} d^2 f_{bc} / dtheta^2, g = dl/df the (B, C) gradient
+  of the loss w.r.t. the logits. Its products are Hessian-vector products without the
+  P x P matrix, Pearlmutter's R-operator (Pearlmutter 1994) as forward-mode AD.
+* ``weight_decay`` mu adds mu I (the Hessian of the L2 term mu/2 ||theta||^2).
 """
 from __future__ import annotations
 
@@ -60,6 +73,13 @@ class CurvatureFunctions:
         hvp_double_backward_rebuilt: the same with forward, gradient graph and double
             backward run for every product, as most scripts write it.
         params: the parameters, detached, as a flat (P,) vector.
+
+    Args:
+        model: any model mapping X to (B, C) logits. Its parameters, buffers and modules'
+            training modes, and the batch, are snapshotted now: later changes to them do not
+            reach the products.
+        data: the batch (X, y), y (B,) class indices.
+        reduction: "mean" or "sum" of the cross-entropy over the batch.
     """
 
     def __init__(self, model: nn.Module, data, reduction: str = "mean"):
@@ -89,12 +109,17 @@ class CurvatureFunctions:
         self._gradient = None
 
     def unflatten(self, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A flat (P,) vector as a tuple of tensors shaped like the parameters (views)."""
         return tuple(self.layout.split(v))
 
     def flatten(self, parts) -> torch.Tensor:
+        """Tensors shaped like the parameters as one flat (P,) vector."""
         return self.layout.concatenate(parts)
 
     def logits(self, *params: torch.Tensor) -> torch.Tensor:
+        """f(params): the (B, C) logits of the snapshot batch, the model run with
+        ``params`` (one tensor per parameter, in layout order) in place of its parameters
+        and with the buffers and training modes of the snapshot."""
         # every product runs the forward here; its kernels fix the derivatives used
         tensors = params + tuple(self.buffers.values())
         with autograd_friendly_attention(), _modes(self.modes), \
@@ -102,18 +127,25 @@ class CurvatureFunctions:
             return self.model(self.X.clone())  # a forward may write to its input
 
     def cross_entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """l(logits): the scalar cross-entropy of (B, C) logits with the snapshot labels."""
         return F.cross_entropy(logits, self.y, reduction=self.reduction)
 
     def loss(self, *params: torch.Tensor) -> torch.Tensor:
+        """L(params) = l(f(params)), a scalar (differentiable in ``params``)."""
         return self.cross_entropy(self.logits(*params))
 
     def ggn_vp(self, v: torch.Tensor) -> torch.Tensor:
+        """G v = J^T H_loss J v for a flat (P,) v: J v by jvp, H_loss by
+        :func:`cross_entropy_hessian_matmat`, J^T by vjp; returns (P,)."""
         logits, jv = jvp(self.logits, self.param_tuple, self.unflatten(v))
         hjv = cross_entropy_hessian_matmat(logits, jv, reduction=self.reduction)
         _, vjp_fn = vjp(self.logits, *self.param_tuple)
         return self.flatten(vjp_fn(hjv))
 
     def hessian_vp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v = G v + (sum_{b,c} g_{bc} d^2 f_{bc}) v for a flat (P,) v, the oracle: the
+        second term a jvp of theta -> J(theta)^T g with g = dl/df held fixed at the
+        snapshot (:func:`cross_entropy_gradient`); returns (P,)."""
         if self._gradient is None:  # dloss/dlogits at the snapshot, held fixed below
             with torch.no_grad():
                 logits = self.logits(*self.param_tuple)
@@ -128,11 +160,15 @@ class CurvatureFunctions:
         return self.ggn_vp(v) + self.flatten(curvature)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat (P,) v by forward-over-reverse: jvp of ``torch.func.grad`` of the
+        loss (Pearlmutter's R-operator on the gradient); returns (P,)."""
         gradient = grad(self.loss, argnums=tuple(range(len(self.param_tuple))))
         _, hv = jvp(gradient, self.param_tuple, self.unflatten(v))
         return self.flatten(hv)
 
     def hvp_double_backward(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat (P,) v as the gradient of <grad L, v> (double backward), the
+        graph of grad L built on the first call and kept; returns (P,)."""
         if self._graph is None:
             leaves = [p.clone().requires_grad_(True) for p in self.param_tuple]
             with torch.enable_grad():
@@ -144,6 +180,8 @@ class CurvatureFunctions:
         return self.flatten(hv)
 
     def hvp_double_backward_rebuilt(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat (P,) v by double backward, forward and gradient graph rebuilt on
+        every call; returns (P,)."""
         leaves = [p.clone().requires_grad_(True) for p in self.param_tuple]
         with torch.enable_grad():
             grads = torch.autograd.grad(self.loss(*leaves), leaves, create_graph=True)
@@ -153,7 +191,8 @@ class CurvatureFunctions:
     def linearized_ggn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """GGN product with the forward cached: ``torch.func.linearize`` for J v and one
         vjp closure reused for J^T u; the loss Hessian a closure over the probabilities
-        at the logits. The strongest autograd formulation of a GGN product."""
+        at the logits. The strongest autograd formulation of a GGN product. The closure
+        maps a flat (P,) v to G v, (P,)."""
         with _quiet_linearize():
             logits, jvp_fn = linearize(lambda *p: self.logits(*p), *self.param_tuple)
         loss_hvp = _cross_entropy_hessian(logits.detach(), self.reduction)
@@ -162,7 +201,8 @@ class CurvatureFunctions:
 
     def linearized_hvp(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Exact Hessian product with the forward and backward cached: the gradient
-        function linearized once (``torch.func.linearize``), then one jvp per product."""
+        function linearized once (``torch.func.linearize``), then one jvp per product. The
+        closure maps a flat (P,) v to H v, (P,)."""
         gradient = grad(self.loss, argnums=tuple(range(len(self.param_tuple))))
         with _quiet_linearize():
             _, hvp_fn = linearize(gradient, *self.param_tuple)
@@ -261,7 +301,16 @@ def cross_entropy_gradient(logits: torch.Tensor, y: torch.Tensor, *,
     """dloss/dlogits = p - onehot(y) (divided by B for "mean"), (B, C), with the label's
     entry -(1 - p_y) computed as minus the sum of the other classes' probabilities,
     exp(logsumexp of the other logits - logsumexp of all): never 1 - p_y, whose digits
-    vanish once the model is confident."""
+    vanish once the model is confident.
+
+    Args:
+        logits: (B, C) float logits.
+        y: (B,) class indices in [0, C).
+        reduction: "mean" or "sum".
+
+    Returns:
+        (B, C), the dtype and device of ``logits``.
+    """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy_gradient: logits must be (batch, classes), got "
                          f"{tuple(logits.shape)}")
@@ -281,10 +330,17 @@ def cross_entropy_hessian_matmat(logits: torch.Tensor, U: torch.Tensor, *,
     dtype's precision even when 1 - p_top is far below its epsilon. The labels play no
     part.
 
+    Per sample, (diag(p) - p p^T) u = p * (u - p.u); it is computed as p * (w - p.w) with
+    w = u - u_m (m the most probable class), which is equal since the rows of the matrix
+    sum to zero, and whose dot product p.w skips the p_m ~ 1 term.
+
     Args:
         logits: (B, C).
         U: (B, C), or (B, C, k) for k tangents at once; the dtype of ``logits``.
         reduction: "mean" or "sum".
+
+    Returns:
+        The shape of U, in the dtype of ``logits``.
     """
     where = "pyflat.reference.cross_entropy_hessian_matmat"
     for name, t in (("logits", logits), ("U", U)):
@@ -305,7 +361,9 @@ def cross_entropy_hessian_matmat(logits: torch.Tensor, U: torch.Tensor, *,
 
 
 def functions(model: nn.Module, data, reduction: str = "mean") -> CurvatureFunctions:
-    """The autograd products for ``model`` on the batch ``data = (X, y)``."""
+    """The autograd products for ``model`` on the batch ``data = (X, y)``: a
+    :class:`CurvatureFunctions` holding a snapshot of the parameters, buffers, modes and
+    batch as they are now."""
     return CurvatureFunctions(model, data, reduction)
 
 
@@ -319,7 +377,9 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], V: torch.Tensor) -> torch
 
 
 def loss(model: nn.Module, data, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``model`` on ``data`` (no L2 term)."""
+    """Cross-entropy of ``model`` on ``data = (X, y)`` (no L2 term): a 0-dim tensor, the
+    mean or sum over the batch, computed without gradients by the model in its current
+    mode."""
     X, y = data
     with torch.no_grad(), autograd_friendly_attention():
         return F.cross_entropy(model(X), y.long(), reduction=reduction)
@@ -327,15 +387,34 @@ def loss(model: nn.Module, data, reduction: str = "mean") -> torch.Tensor:
 
 def ggn_matmat(model: nn.Module, data, V: torch.Tensor, *, reduction: str = "mean",
                weight_decay: float = 0.0) -> torch.Tensor:
-    """(G + mu I) V by torch.func (jvp, loss Hessian, vjp); V is (P,) or (P, k)."""
+    """(G + mu I) V, G = J^T H_loss J the generalized Gauss-Newton matrix (Schraudolph 2002;
+    Martens 2010), by torch.func: jvp, loss Hessian (:func:`cross_entropy_hessian_matmat`),
+    vjp; the columns of a block under vmap.
+
+    Args:
+        model: any model mapping X to (B, C) logits.
+        data: the batch (X, y).
+        V: (P,) or (P, k), on the device of the model's parameters and normally in their
+            dtype.
+        reduction: "mean" or "sum" of the cross-entropy over the batch.
+        weight_decay: mu.
+
+    Returns:
+        The shape of V.
+    """
     out = _apply(functions(model, data, reduction).ggn_vp, V)
     return out + weight_decay * V if weight_decay else out
 
 
 def hessian_matmat(model: nn.Module, data, V: torch.Tensor, *, reduction: str = "mean",
                    weight_decay: float = 0.0) -> torch.Tensor:
-    """(H + mu I) V, the oracle (:attr:`CurvatureFunctions.hessian_vp`); V is (P,) or
-    (P, k)."""
+    """(H + mu I) V, H the exact Hessian of the loss, the oracle
+    (:meth:`CurvatureFunctions.hessian_vp`: the GGN product plus the logits' curvature
+    weighted by dl/df, by jvp of a vjp, Pearlmutter 1994); the columns of a block under
+    vmap.
+
+    Arguments and shapes as :func:`ggn_matmat`: V (P,) or (P, k), the result likewise.
+    """
     out = _apply(functions(model, data, reduction).hessian_vp, V)
     return out + weight_decay * V if weight_decay else out
 
@@ -343,7 +422,9 @@ def hessian_matmat(model: nn.Module, data, V: torch.Tensor, *, reduction: str = 
 def hessian_matmat_double_backward(model: nn.Module, data, V: torch.Tensor, *,
                                    reduction: str = "mean",
                                    weight_decay: float = 0.0) -> torch.Tensor:
-    """(H + mu I) V by double backward (torch.autograd.grad twice), column by column."""
+    """(H + mu I) V by double backward (torch.autograd.grad twice), column by column;
+    arguments and shapes as :func:`ggn_matmat`. The formulation most scripts use, a check
+    independent of :func:`hessian_matmat`'s."""
     fns = functions(model, data, reduction)
     with full_precision(V.device):
         out = (fns.hvp_double_backward(V) if V.dim() == 1 else
@@ -353,7 +434,8 @@ def hessian_matmat_double_backward(model: nn.Module, data, V: torch.Tensor, *,
 
 def hessian_dense(model: nn.Module, data, *, reduction: str = "mean",
                   weight_decay: float = 0.0) -> torch.Tensor:
-    """The P x P Hessian, column by column from the oracle's product (tiny models only)."""
+    """The (P, P) Hessian H + mu I, from the oracle's product on the columns of the
+    identity (vmap over P columns: tiny models only), symmetrized as (H + H^T) / 2."""
     fns = functions(model, data, reduction)
     eye = torch.eye(fns.params.numel(), dtype=fns.params.dtype, device=fns.params.device)
     H = _apply(fns.hessian_vp, eye)
@@ -363,8 +445,9 @@ def hessian_dense(model: nn.Module, data, *, reduction: str = "mean",
 
 def ggn_dense(model: nn.Module, data, *, reduction: str = "mean",
               weight_decay: float = 0.0) -> torch.Tensor:
-    """The P x P GGN J^T H_loss J from the full Jacobian of the logits (torch.func) and
-    the loss Hessian applied to its columns (tiny models only)."""
+    """The (P, P) GGN J^T H_loss J + mu I from the full (B, C, P) Jacobian of the logits
+    (``torch.func.jacrev``) and the loss Hessian applied to its columns (tiny models
+    only)."""
     fns = functions(model, data, reduction)
     J = torch.func.jacrev(lambda theta: fns.logits(*fns.unflatten(theta)))(fns.params)
     logits = fns.logits(*fns.param_tuple)
@@ -389,12 +472,22 @@ class _ReferenceOperator(CurvatureOperator):
 
 
 class ReferenceGGN(_ReferenceOperator):
-    """The GGN (+ mu I) as a linear operator backed by torch.func; any model."""
+    """The GGN J^T H_loss J (+ mu I) as a (P, P) linear operator backed by torch.func; any
+    model. Its dtype and device are those of the model's first parameter.
+
+    Args:
+        model: any model mapping X to (B, C) logits.
+        data: the batch (X, y), snapshotted with the parameters at construction.
+        reduction: "mean" or "sum".
+        weight_decay: mu.
+    """
 
     _product = "ggn_vp"
 
 
 class ReferenceHessian(_ReferenceOperator):
-    """The exact Hessian (+ mu I) as a linear operator backed by torch.func; any model."""
+    """The exact Hessian (+ mu I) as a (P, P) linear operator backed by torch.func
+    (:meth:`CurvatureFunctions.hessian_vp`); any model. Arguments as
+    :class:`ReferenceGGN`."""
 
     _product = "hessian_vp"

@@ -28,7 +28,25 @@ class SharpnessReport:
 
     All eigenvalue-based numbers are of the operator named by ``curvature`` (``"ggn"`` or
     ``"hessian"``) and ``with_l2`` (cross-entropy alone, or with the L2 term mu/2
-    |theta|^2, which adds mu to every eigenvalue).
+    |theta|^2, which adds mu to every eigenvalue). With A that operator and P parameters:
+
+    * ``top_eigenvalues``: the k largest eigenvalues of A by Lanczos, ascending: the top
+      of the spectrum, where a trained classifier's outliers stand apart from the bulk
+      (Papyan 2019); ``top_residuals`` their Ritz residual bounds.
+    * ``spectral_norm``: ||A||_2 = max |lambda_i|, from the top eigenvalues and, for the
+      Hessian, ``min_eigenvalue``.
+    * ``trace``: tr(A) = sum lambda_i by Hutch++ (Meyer, Musco, Musco & Woodruff 2021).
+    * ``frobenius``: ||A||_F = sqrt(sum lambda_i^2) by E ||A v||^2.
+    * ``rank``: the numerical rank of the cross-entropy part, P times the spectral mass
+      outside [-eps, eps], eps = rank_rtol x its spectral norm, from the spectral density
+      of stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao 2019); the dict of
+      :meth:`pyflat.SpectralDensity.rank`.
+    * ``scaled``: spectral norm, trace and Frobenius norm times |theta|^2 / P. Granziol
+      2020 ("Flatness is a False Friend") shows that for cross-entropy these measures
+      are small at solutions with large weights, so raw numbers compare solutions only
+      next to the weight scale.
+    * ``per_layer``: for each Linear, Conv1d and Conv2d layer, the top eigenvalue and the
+      Hutch++ trace of its diagonal block A[S, S] (weight and bias), and |theta_l|.
     """
 
     curvature: str
@@ -54,9 +72,12 @@ class SharpnessReport:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """Every field as plain Python values (nested dicts and lists)."""
         return asdict(self)
 
     def to_json(self, path=None, **kwargs) -> str:
+        """The report as indented JSON; written to ``path`` too when given. ``kwargs`` go
+        to :func:`json.dumps`."""
         text = json.dumps(self.to_dict(), indent=2, **kwargs)
         if path is not None:
             with open(path, "w") as f:
@@ -98,6 +119,13 @@ def sharpness(model: nn.Module, data, *, curvature: str = "hessian", weight_deca
               tol: float = 0.0) -> SharpnessReport:
     """Measures the curvature of ``model`` on ``data``: a batch ``(X, y)`` or a whole
     data set (DataLoader or iterable of batches, as the operators take).
+
+    The measures of flatness papers report, each beside the weight scale as Granziol 2020
+    ("Flatness is a False Friend") asks: the top eigenvalues (Lanczos; the outliers of
+    Papyan 2019), the smallest eigenvalue (Hessian only), the spectral norm, the trace
+    (Hutch++, Meyer et al. 2021), the Frobenius norm (||A||_F^2 = E ||A v||^2), the
+    numerical rank (stochastic Lanczos quadrature, Ghorbani, Krishnan & Xiao 2019), the
+    loss, accuracy and |theta|_2, and the same per layer; see :class:`SharpnessReport`.
 
     Args:
         curvature: ``"hessian"`` (exact) or ``"ggn"``.

@@ -18,9 +18,11 @@ __all__ = ["ValidationReport", "validate"]
 class ValidationReport:
     """Relative errors of the fused products on random directions.
 
-    ``rows`` hold, per product, the error of the fused engine and of autograd in the
-    model's dtype, both against the autograd reference on a float64 copy of the model, and
-    whether the fused error is within 4x autograd's own (or 8 ulps of the dtype).
+    ``rows`` hold, per product (``"ggn"``, ``"hessian"``), the error of the fused engine and
+    of autograd in the model's dtype, both against the autograd reference on a float64
+    copy of the model, and whether the fused error is within 4x autograd's own (or 4x 8
+    eps of the dtype, where autograd's is smaller): ``fused <= 4 max(autograd, 8 eps)``.
+    The error of a product X against the reference R is max|X - R| / max|R|.
     ``supported`` is False, with ``reason``, when the fused engine cannot take the model
     (the operators then fall back to the reference backend).
     """
@@ -31,6 +33,7 @@ class ValidationReport:
 
     @property
     def ok(self) -> bool:
+        """True when the engine took the model and every product passed."""
         return self.supported and all(row["ok"] for row in self.rows)
 
     def __str__(self) -> str:
@@ -53,6 +56,21 @@ def validate(model: nn.Module, data, *, k: int = 4, seed: int = 0, reduction: st
              weight_decay: float = 0.0) -> ValidationReport:
     """Runs the fused engine and the autograd reference on ``k`` random directions of the
     user's model and batch, and reports the relative error of each product (GGN, Hessian).
+
+    The directions are a (P, k) float64 Gaussian block drawn from ``seed``; the reference
+    is :func:`pyflat.reference.ggn_matmat` / :func:`pyflat.reference.hessian_matmat` on a
+    float64 copy of the model and batch.
+
+    Args:
+        model: the model, as :class:`pyflat.GGN` takes it.
+        data: one batch (X, y): X (B, ...), y (B,) class indices.
+        k: number of directions, at least 1.
+        seed: seed of the directions.
+        reduction, weight_decay: as the operators take them.
+
+    Returns:
+        A :class:`ValidationReport`; ``supported=False`` when the fused engine refuses the
+        model (UnsupportedModel), with the reason.
 
     Example:
         >>> report = pyflat.validate(model, (X, y))

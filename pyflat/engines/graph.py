@@ -54,6 +54,7 @@ class Node:
 
     @property
     def rule(self) -> Rule:
+        """The rule of the node's kind (:data:`pyflat.engines.rules.RULES`)."""
         return RULES[self.kind]
 
     @property
@@ -66,6 +67,12 @@ class Node:
 
 @dataclass
 class Graph:
+    """A model captured by :func:`capture`: its engine nodes in traced order (inputs
+    before their users), the index of the node holding the logits, the flat parameter
+    layout of the directions, every traced step (constants included) for the prepared
+    forward, and the root that was traced (a shallow copy of the model), whose buffers
+    the constants read."""
+
     nodes: list[Node]
     output: int
     layout: ParameterLayout          # model.parameters(): the flat layout of directions

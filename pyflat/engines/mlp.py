@@ -39,13 +39,17 @@ class MLPSpec:
 
     @property
     def num_classes(self) -> int:
+        """C, the output width of the last Linear layer (the number of logits)."""
         return self.weights[-1].shape[0]
 
     @property
     def in_features(self) -> int:
+        """The input width of the first Linear layer."""
         return self.weights[0].shape[1]
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the modules before the first Linear layer (Flatten, activations),
+        without gradients: the (B, in_features) input of the engine."""
         with torch.no_grad():
             for _, module in self.input_modules:
                 x = module(x)

@@ -49,6 +49,7 @@ class Site:
 
     @property
     def batch(self) -> int:
+        """B, the number of samples of the prepared batch."""
         return self.engine.batch
 
     @property
@@ -57,6 +58,7 @@ class Site:
         return self.engine.shapes[self.index]
 
     def input_shape(self, position: int = 0) -> tuple[int, ...]:
+        """The shape of input ``position``'s value without the batch axis."""
         return self.engine.shapes[self.node.inputs[position]]
 
     @property
@@ -66,9 +68,11 @@ class Site:
 
     @property
     def caller(self) -> str:
+        """The public name errors speak for (e.g. ``"pyflat.GGN"``)."""
         return self.engine.caller
 
     def unsupported(self, why: str) -> UnsupportedModel:
+        """The UnsupportedModel error for this node: its label, then ``why``."""
         return UnsupportedModel(f"{self.caller}: {self.node.label} {why}", self.node.label)
 
 
@@ -89,6 +93,7 @@ class Products:
         return self.layout.rows(self.directions, self.layout.position(parameter))
 
     def write(self, parameter: torch.Tensor, rows: torch.Tensor) -> None:
+        """Sets the rows of ``parameter`` in ``out`` to ``rows``, (k, *parameter.shape)."""
         self.layout.write_rows(self.out, self.layout.position(parameter), rows)
 
 

@@ -20,10 +20,18 @@ __all__ = ["ParameterLayout"]
 class ParameterLayout:
     """Names, shapes and offsets of the flat parameter vector.
 
+    Parameter i occupies entries ``offsets[i]:offsets[i + 1]`` of a flat (P,) direction,
+    its ``numels[i]`` entries in row-major order; P = ``size`` = ``offsets[-1]``.
+
     Args:
         shapes: the parameters' shapes, in layout order.
         names: their names (``model.named_parameters()``), or positions as strings.
         parameters: the tensors themselves, where known (for lookups by identity).
+
+    Example:
+        >>> layout = ParameterLayout.of(nn.Linear(3, 2))
+        >>> layout.names, layout.size
+        (['weight', 'bias'], 8)
     """
 
     def __init__(self, shapes: Sequence[torch.Size], names: Sequence[str] | None = None,

@@ -30,7 +30,12 @@ class CurvatureOperator(abc.ABC):
     this class validates inputs and provides the rest of the protocol: products on
     vectors, blocks and parameter lists, scipy interop, a dense matrix for small P, and
     algebra (``A + B``, ``A - B``, ``c * A``, ``A.restrict(...)``) whose results are
-    operators again.
+    operators again. ``A @ x`` is :meth:`matmat` for a 2-D x and :meth:`matvec` otherwise.
+
+    Args:
+        layout: the flat parameter layout, or the parameters' shapes in layout order.
+        dtype: the dtype every input must have and every product has.
+        device: the device every input must be on and every product is on.
     """
 
     def __init__(self, layout: ParameterLayout | Sequence[torch.Size], dtype: torch.dtype,
@@ -47,14 +52,17 @@ class CurvatureOperator(abc.ABC):
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(P, P), with P the number of parameter entries in the layout."""
         return (self._dim, self._dim)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of inputs and products (that of the model's parameters)."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of inputs and products."""
         return self._device
 
     @abc.abstractmethod
@@ -73,7 +81,12 @@ class CurvatureOperator(abc.ABC):
                              f"{self.device}, got one on {V.device}")
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """Applies the operator to a block of k directions: (P, k) -> (P, k)."""
+        """Applies the operator to a block of k directions: A V, (P, k) -> (P, k).
+
+        V must have the operator's dtype and device (TypeError / ValueError otherwise) and
+        k >= 1 columns; it is detached (products are not differentiated through). The k
+        columns go through one call of the product, not k calls of :meth:`matvec`.
+        """
         self._check_block(V, "matmat")
         if V.dim() != 2 or V.shape[0] != self._dim or V.shape[1] == 0:
             raise ValueError(f"{type(self).__name__}.matmat: expected a block of shape "
@@ -82,8 +95,9 @@ class CurvatureOperator(abc.ABC):
         return self._matmat(V.detach())
 
     def matvec(self, v: Vector) -> Vector:
-        """Applies the operator to one direction: a flat (P,) vector, or a list of
-        tensors shaped like the parameters (the result then has the same form)."""
+        """Applies the operator to one direction: A v for a flat (P,) vector, or for a list
+        (or tuple) of tensors shaped like the parameters, in layout order (the result is
+        then a list of the same shapes). Dtype and device as :meth:`matmat`."""
         if isinstance(v, (list, tuple)):
             return self._matvec_list(v)
         self._check_block(v, "matvec")
@@ -109,8 +123,10 @@ class CurvatureOperator(abc.ABC):
         return self.matvec(x)
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` over numpy arrays (float64 or
-        float32 as the operator); vectors travel to the operator's device and back."""
+        """A ``scipy.sparse.linalg.LinearOperator`` of shape (P, P) over numpy arrays
+        (float64 for a float64 operator, float32 otherwise); vectors (P,) and blocks (P, k)
+        travel to the operator's device and back. ``rmatvec`` is ``matvec`` (A = A^T), so
+        it serves ``scipy.sparse.linalg.eigsh``, ``cg``, ``minres`` and the like."""
         from scipy.sparse.linalg import LinearOperator
 
         np_dtype = np.float64 if self.dtype == torch.float64 else np.float32
@@ -125,7 +141,9 @@ class CurvatureOperator(abc.ABC):
                               rmatmat=apply, dtype=np_dtype)
 
     def to_dense(self, chunk: int = 256) -> torch.Tensor:
-        """The P x P matrix, built from blocks of unit vectors (small models only)."""
+        """The dense (P, P) matrix in the operator's dtype and on its device, built from
+        blocks of ``chunk`` unit vectors: P products in all, and P^2 entries of memory
+        (small models only)."""
         dense = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         for start in range(0, self._dim, chunk):
             stop = min(start + chunk, self._dim)
@@ -159,12 +177,28 @@ class CurvatureOperator(abc.ABC):
     def restrict(self, which: Sequence[int | torch.Tensor]) -> Restricted:
         """The operator on a subset of the parameters (one layer, one block): the
         principal submatrix A[S, S] for the parameters S, given by position in the
-        flat layout or, where the operator knows its parameters, as the tensors."""
+        flat layout or, where the operator knows its parameters, as the tensors.
+
+        Returns a :class:`Restricted` operator of shape (P_S, P_S), P_S the number of
+        entries of those parameters, over them in layout order.
+
+        Example:
+            >>> H = pyflat.Hessian(model, (X, y))
+            >>> block = H.restrict([model[0].weight, model[0].bias])
+            >>> pyflat.eigsh(block, k=1).eigenvalues
+        """
         return Restricted(self, which)
 
 
 class LinearCombination(CurvatureOperator):
     """sum_i c_i A_i of operators over the same parameters, e.g. ``Hessian - GGN``.
+
+    The terms must share parameter shapes, dtype and device; nested combinations are
+    flattened into one list of (c_i, A_i), ``terms``. A product costs one product of
+    each A_i. The result of ``A + B``, ``A - B``, ``c * A`` and ``-A``.
+
+    Args:
+        terms: pairs (c_i, A_i) of a float coefficient and a pyflat operator.
 
     Example:
         >>> residual = pyflat.Hessian(model, data) - pyflat.GGN(model, data)
@@ -208,8 +242,15 @@ class LinearCombination(CurvatureOperator):
 class Restricted(CurvatureOperator):
     """The principal submatrix A[S, S] of an operator for a subset S of its parameters.
 
-    A product embeds V into the full space (zeros elsewhere), applies A once and keeps the
-    rows of S, so it costs one full product.
+    A[S, S] = E_S^T A E_S, with E_S (P, P_S) the columns of the identity at the entries of
+    S. A product embeds V (P_S, k) into the full space (zeros elsewhere), applies A once
+    and keeps the rows of S, so it costs one full product.
+
+    Args:
+        operator: the full operator A.
+        which: the parameters S, by position in the layout (ints) or as the tensors
+            (where the operator knows its parameters); one of them alone is allowed too.
+            Kept in layout order (``positions``).
     """
 
     def __init__(self, operator: CurvatureOperator, which: Sequence[int | torch.Tensor]):

@@ -1,5 +1,11 @@
 """Randomized trace and Frobenius-norm estimators with standard errors.
 
+Hutchinson's estimator (Hutchinson 1989), Hutch++ (Meyer, Musco, Musco & Woodruff 2021,
+"Hutch++: Optimal Stochastic Trace Estimation"), an adaptive Hutch++ run to a target
+error, and ||A||_F from E ||A v||^2. Each takes a symmetric operator A of shape (n, n)
+(a pyflat operator, a reference operator or a dense tensor) and returns an
+:class:`Estimate`.
+
 All probes of an estimate run as blocks of products (``A @ V`` with V of shape (n, k)),
 not as a loop of single products. Probes are drawn in float64 on the CPU from an explicit
 seed or generator, so the same call gives the same numbers on any device.
@@ -24,9 +30,12 @@ class Estimate:
     Attributes:
         value: the estimate.
         stderr: its standard error (sample standard deviation of the per-probe terms over
-            sqrt of their number); 0 for a part computed exactly.
-        products: operator products used.
-        samples: the per-probe terms whose mean is the random part of the estimate.
+            sqrt of their number); a part computed exactly (the Hutch++ sketch) adds none.
+        products: operator products used (columns of V sent through ``A @ V``).
+        samples: the per-probe terms whose mean is the random part of the estimate, a
+            float64 CPU tensor of shape (m,) for m probes.
+        converged: for :func:`adaptive_trace`, whether the target error was reached
+            before ``max_products``; None for the fixed-budget estimators.
     """
 
     value: float
@@ -71,17 +80,25 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
 def hutchinson_trace(A, num_probes: int = 100, distribution: str = "rademacher", *,
                      seed: int | None = None, generator: torch.Generator | None = None,
                      block_size: int | None = None) -> Estimate:
-    """Hutchinson's estimator tr(A) ~ mean_i v_i^T A v_i (Hutchinson 1989).
+    """Hutchinson's estimator tr(A) ~ (1/m) sum_i v_i^T A v_i (Hutchinson 1989).
 
-    With Rademacher probes the variance of one term is 2 (||A||_F^2 - sum_i A_ii^2);
-    Gaussian probes give 2 ||A||_F^2.
+    The probes v_i (n,) have E[v v^T] = I, so each term is unbiased. With Rademacher
+    probes (entries +-1) the variance of one term is 2 (||A||_F^2 - sum_i A_ii^2), that of
+    the estimate 2 (||A||_F^2 - sum_i A_ii^2) / m; Gaussian probes give 2 ||A||_F^2 / m.
 
     Args:
-        A: symmetric operator (pyflat operator, reference operator, dense tensor).
-        num_probes: number of probes (= products).
+        A: symmetric (n, n) operator (pyflat operator, reference operator, dense tensor)
+            of any float dtype and device; probes are cast to its dtype and device, and
+            products back to float64.
+        num_probes: m, the number of probes (= products), at least 2.
         distribution: 'rademacher' or 'gaussian'.
-        seed, generator: randomness of the probes.
-        block_size: probes per product call (default: all at once).
+        seed, generator: randomness of the probes (at most one; neither means seed 0).
+        block_size: probes per product call, so V is (n, block_size) (default: all at
+            once).
+
+    Returns:
+        An :class:`Estimate` with ``samples`` the m terms v_i^T A v_i and ``stderr`` their
+        standard deviation over sqrt(m).
 
     Example:
         >>> est = pyflat.hutchinson_trace(pyflat.Hessian(model, (X, y)), 200, seed=0)
@@ -99,17 +116,27 @@ def hutchinson_trace(A, num_probes: int = 100, distribution: str = "rademacher",
 def hutchpp_trace(A, num_products: int = 102, distribution: str = "rademacher", *,
                   seed: int | None = None, generator: torch.Generator | None = None,
                   block_size: int | None = None) -> Estimate:
-    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): the trace of a low-rank sketch,
-    computed exactly, plus Hutchinson on the deflated rest.
+    """Hutch++ (Meyer, Musco, Musco & Woodruff 2021, "Hutch++: Optimal Stochastic Trace
+    Estimation"): the trace of a low-rank sketch, computed exactly, plus Hutchinson on the
+    deflated rest.
 
-    With m = num_products // 3: Q = orth(A S) for m random S; tr(A) ~ tr(Q^T A Q) +
-    mean_i g_i^T (I - QQ^T) A (I - QQ^T) g_i over m probes g. The standard error is that of
-    the Hutchinson part (the sketch part has none given Q). Far fewer products than
-    Hutchinson for a decaying spectrum, as curvature spectra of trained nets are.
+    With m = num_products // 3: Q (n, m) = orth(A S) for m random probes S (n, m);
+    tr(A) ~ tr(Q^T A Q) + (1/m) sum_i g_i^T (I - QQ^T) A (I - QQ^T) g_i over m further
+    probes g_i, projected as (I - QQ^T) g_i before the product. That is 3m products: A S,
+    A Q and A G. The standard error is that of the Hutchinson part (the sketch part has
+    none given Q). To reach relative error eps, Hutch++ needs O(1/eps) products where
+    Hutchinson needs O(1/eps^2) (for positive semidefinite A), and far fewer than
+    Hutchinson in practice for a decaying spectrum, as curvature spectra of trained nets
+    are.
 
     Args:
-        num_products: total products, a multiple of 3 used in full (at least 6).
+        A: symmetric (n, n) operator, as :func:`hutchinson_trace` takes.
+        num_products: total products, at least 6; 3 * (num_products // 3) are used (a
+            multiple of 3 is used in full).
         Other arguments as :func:`hutchinson_trace`.
+
+    Returns:
+        An :class:`Estimate` with ``products`` = 3m and ``samples`` the m deflated terms.
     """
     n = _check_operator(A, "pyflat.hutchpp_trace")
     _check_count("num_products", num_products, 6, "pyflat.hutchpp_trace")
@@ -128,10 +155,15 @@ def hutchpp_trace(A, num_products: int = 102, distribution: str = "rademacher", 
 def frobenius_norm(A, num_probes: int = 100, distribution: str = "rademacher", *,
                    seed: int | None = None, generator: torch.Generator | None = None,
                    block_size: int | None = None) -> Estimate:
-    """||A||_F from ||A||_F^2 = E |A v|^2 (E[v v^T] = I).
+    """||A||_F from ||A||_F^2 = E ||A v||^2 (E[v v^T] = I).
 
-    ``value`` is the norm; its standard error follows from that of the squared norm by
-    the delta method (se / (2 ||A||_F)); ``samples`` are the terms |A v_i|^2.
+    E ||A v||^2 = E v^T A^T A v = tr(A^T A) = ||A||_F^2 (the sum of lambda_i^2 for
+    symmetric A), so this is Hutchinson's estimator of tr(A^2) with one product per probe:
+    ||A||_F^2 ~ (1/m) sum_i ||A v_i||^2.
+
+    ``value`` is the norm, the square root of that mean; its standard error follows from
+    that of the squared norm by the delta method (se / (2 ||A||_F)); ``samples`` are the m
+    terms ||A v_i||^2 (float64, (m,)), ``products`` = m.
 
     Arguments as :func:`hutchinson_trace`.
     """
@@ -152,11 +184,25 @@ def adaptive_trace(A, rel_stderr: float = 0.01, *, sketch_products: int = 20,
                    progress: bool | None = None) -> Estimate:
     """The trace to a target relative standard error, with as few products as it needs.
 
-    Hutch++ with an open-ended second stage: a sketch Q = orth(A S) of
-    ``sketch_products`` probes whose part tr(Q^T A Q) is exact, then blocks of
-    ``block_size`` deflated Hutchinson probes until stderr <= rel_stderr * |estimate|
-    (at least two blocks) or ``max_products`` products were used; ``converged`` says
-    which. ``progress`` shows a bar on stderr (None: only on a terminal).
+    Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with an open-ended second stage: a
+    sketch Q (n, s) = orth(A S) of s = ``sketch_products`` probes whose part tr(Q^T A Q)
+    is exact (2s products), then blocks of ``block_size`` Hutchinson probes deflated as
+    (I - QQ^T) g, until stderr <= rel_stderr * |estimate| (at least two blocks) or
+    another block would take the products past ``max_products``; ``converged`` says
+    which. With ``sketch_products=0`` it is plain Hutchinson run to the target.
+
+    Args:
+        A: symmetric (n, n) operator, as :func:`hutchinson_trace` takes.
+        rel_stderr: target standard error relative to |estimate|, in (0, 1).
+        sketch_products: s, probes of the sketch (0 for none).
+        block_size: probes per block of the second stage (each one ``A @ V`` call with V
+            (n, block_size)), at least 2.
+        max_products: budget, at least 2s + 2 * block_size.
+        distribution, seed, generator: as :func:`hutchinson_trace`.
+        progress: show a bar on stderr (None: only on a terminal).
+
+    Returns:
+        An :class:`Estimate` with ``converged`` set and ``samples`` the deflated terms.
 
     Example:
         >>> est = pyflat.adaptive_trace(pyflat.Hessian(model, (X, y)), 0.01, seed=0)
