@@ -133,6 +133,7 @@ class MLPBatch(_FusedBatch):
                                         (3 if exact else 2))
 
     def prepared_bytes(self) -> int:
+        """The prepared forward's tensors and the input copy, in bytes."""
         prepared = self._prepared
         tensors = [prepared.loss, prepared.probs, *prepared.hidden, *prepared.first_derivs,
                    *prepared.deltas, *prepared.curvatures, self._input]
@@ -178,6 +179,7 @@ class GraphBatch(_FusedBatch):
                                         (3 if exact else 2))
 
     def prepared_bytes(self) -> int:
+        """What the graph engine keeps of its forward, in bytes."""
         return self._engine.prepared_bytes()
 
     def _product(self, directions: torch.Tensor) -> torch.Tensor:
@@ -224,7 +226,7 @@ class ReferenceBatch(BatchCurvature):
         self.loss = float(F.cross_entropy(logits, y, reduction=reduction))
 
     def prepared_bytes(self) -> int:
-        # only the batch and the parameters
+        """The parameters' copy, in bytes (the batch is not prepared)."""
         return sum(t.numel() * t.element_size() for t in self._reference._functions.param_tuple)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:

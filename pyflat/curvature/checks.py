@@ -57,6 +57,7 @@ def check_batch(data, dtype: torch.dtype, device: torch.device, num_classes: int
 
 
 def check_labels(y: torch.Tensor, num_classes: int, caller: str) -> None:
+    """Every label of y (B,) must be a class index in [0, num_classes)."""
     low, high = int(y.min()), int(y.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
@@ -128,6 +129,8 @@ _FORWARD_CHECKED = contextvars.ContextVar("pyflat_forward_checked", default=Fals
 
 @contextlib.contextmanager
 def forward_already_checked():
+    """Within this context the fused engines skip :func:`check_reproduces`: for batches
+    prepared again whose samples and model state were proven the same."""
     token = _FORWARD_CHECKED.set(True)
     try:
         yield

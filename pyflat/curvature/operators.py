@@ -131,7 +131,9 @@ class GGN(_Curvature):
 
     J is the Jacobian of the logits w.r.t. the parameters and H_loss the Hessian of the
     cross-entropy w.r.t. the logits, diag(p) - p p^T per sample (divided by B for
-    ``reduction="mean"``). G is positive semi-definite.
+    ``reduction="mean"``). G is positive semi-definite (Schraudolph 2002; Martens 2010).
+    A product G V, V of shape (P, k), runs as forward-mode tangents J V of the logits,
+    the loss Hessian on them, and one backward pass, with the forward pass cached.
 
     With ``weight_decay=mu`` the objective is CE + mu/2 |theta|^2 and the operator is
     G + mu I: the L2 term is convex, so its Hessian mu I joins the GGN whole. With
@@ -192,7 +194,9 @@ class Hessian(_Curvature):
 
     H = G + sum_n sum_c (dloss/df_nc) d^2 f_nc / dtheta^2: the GGN plus the terms of the
     network's own curvature, weighted by the loss gradient. It can be indefinite. For
-    piecewise-linear networks (ReLU) H != G in general, yet trace(H) = trace(G).
+    piecewise-linear networks (ReLU) H != G in general, yet trace(H) = trace(G). A product
+    H V is the R-operator of the gradient (Pearlmutter 1994): the GGN's passes plus the
+    second-order terms of every layer, k directions at a time.
 
     ``weight_decay=mu`` adds mu I (the Hessian of mu/2 |theta|^2); arguments as
     :class:`GGN`.

@@ -1,5 +1,11 @@
 """Lanczos with full reorthogonalization, and eigsh-style extreme eigenpairs.
 
+Lanczos (1950) builds an orthonormal basis Q_m of the Krylov space span{q, Aq, ...,
+A^{m-1} q} in which A is tridiagonal, T_m = Q_m A Q_m^T; the eigenvalues of T_m (Ritz
+values) converge to A's extreme eigenvalues first, and |beta_m s_m| bounds each Ritz
+pair's residual (Parlett 1998, The Symmetric Eigenvalue Problem). One core,
+:class:`LanczosRuns`, serves ``lanczos``, ``eigsh`` and stochastic Lanczos quadrature.
+
 Works on anything with the linear-operator protocol (``shape``, ``dtype``, ``device`` and
 ``@`` on (n,) vectors), a dense symmetric tensor included. The Krylov basis and the
 tridiagonal coefficients are float64 whatever the precision of the products, and every
@@ -47,9 +53,11 @@ class LanczosResult:
 
     @property
     def steps(self) -> int:
+        """m, the number of steps (products) the run took."""
         return self.alpha.numel()
 
     def tridiagonal(self) -> torch.Tensor:
+        """T (m, m) float64: alpha on the diagonal, beta[:-1] beside it."""
         return tridiagonal(self.alpha, self.beta[:-1])
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,6 +187,7 @@ class LanczosRuns:
 
     @property
     def steps(self) -> int:
+        """Steps taken so far (the longest run's length)."""
         return len(self.alpha)
 
     @property

@@ -39,6 +39,7 @@ class SpectralDensity:
 
     @property
     def num_probes(self) -> int:
+        """The number of probes (rows of ``nodes``)."""
         return self.nodes.shape[0]
 
     def _per_probe(self, values: torch.Tensor) -> torch.Tensor:
