@@ -103,9 +103,7 @@ def extension():
 
 
 setup(
-    # bench/ ships as pyflat.bench, so `pyflat bench` runs from any install
-    packages=find_packages(include=["pyflat", "pyflat.*"]) + ["pyflat.bench"],
-    package_dir={"pyflat.bench": "bench"},
+    packages=find_packages(include=["pyflat", "pyflat.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

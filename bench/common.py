@@ -1,58 +1,20 @@
-"""Shared pieces of the benchmarks: data, models, timing, machine description."""
+"""What only the benchmarks share: ResNet-8 and its random images, GEMM FLOPs of a
+product, the side-by-side comparison against the float64 reference, the project's speed-up
+targets, the plain-matmul ceiling.
+
+The digits (one loader), the models, the timing and the results writing the benchmarks
+share with ``pyflat bench`` live in the package: pyflat.applications.digits, .models,
+.timing and .sweep (torch.func's block of products).
+"""
 from __future__ import annotations
 
 import copy
-import datetime
-import json
-import platform
-import random
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-
-def digits(batch: int, dtype=torch.float32):
-    """The first `batch` of scikit-learn's bundled 8x8 handwritten digits (1,797 samples),
-    pixels scaled to [0, 1]; a real data set that needs no download."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    if batch > len(data.target):
-        raise ValueError(f"batch must be at most {len(data.target)} (the digits data set), "
-                         f"got {batch}")
-    X = torch.tensor(data.data[:batch], dtype=dtype) / 16.0
-    y = torch.tensor(data.target[:batch], dtype=torch.long)
-    return X, y
-
-
-def mlp(widths: list[int], activation: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(d_in, d_out))
-        if i + 2 < len(widths):
-            layers.append(activation())
-    return nn.Sequential(*layers)
-
-
-def digit_images(batch: int, dtype=torch.float32):
-    """The digits as 1x8x8 images."""
-    X, y = digits(batch, dtype)
-    return X.view(-1, 1, 8, 8), y
-
-
-def digits_cnn(seed: int = 0) -> nn.Sequential:
-    """A small CNN for 8x8 digits: two 3x3 convolutions (16, 32 channels), ReLU, 2x2 max
-    pooling, a linear classifier (9,930 parameters)."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+from pyflat.applications.timing import cuda_clock, host_clock, time_interleaved
 
 
 class _BasicBlock(nn.Module):
@@ -115,58 +77,6 @@ def product_flops(widths: list[int], batch: int, exact: bool) -> int:
         gemms = 2 if l == 0 else (6 if exact else 4)
         total += gemms * 2 * batch * d_in * d_out
     return total
-
-
-def host_clock(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def cuda_clock(fn: Callable[[], object]) -> float:
-    """Seconds of GPU time between two CUDA events around fn, synchronized."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
-
-
-def time_interleaved(methods: dict[str, Callable[[], object]], min_seconds: float = 1.0,
-                     max_rounds: int = 50, min_rounds: int = 5,
-                     clock: Callable[[Callable[[], object]], float] = host_clock
-                     ) -> dict[str, dict[str, float]]:
-    """Times every method in interleaved rounds (one call of each per round, in a
-    shuffled order), so that drift of a shared machine hits all of them alike; returns
-    median and quartiles. ``clock`` times one call (host_clock, or cuda_clock on a GPU)."""
-    for fn in methods.values():  # warm-up: allocator, thread pool, lazy init
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in methods}
-    order = list(methods)
-    shuffle = random.Random(0).shuffle  # a new order each round: no method always follows
-    start = time.perf_counter()         # the same (cache-cold) neighbour
-    rounds = 0
-    while rounds < min_rounds or (rounds < max_rounds and
-                                  time.perf_counter() - start < min_seconds):
-        shuffle(order)
-        for name in order:
-            samples[name].append(clock(methods[name]))
-        rounds += 1
-    out = {}
-    for name, ts in samples.items():
-        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-        out[name] = {"median_s": statistics.median(ts), "q1_s": q[0], "q3_s": q[2],
-                     "rounds": len(ts)}
-    return out
-
-
-def block(fn):
-    """torch.func's way to a block of products: vmap over the columns."""
-    from torch.func import vmap
-
-    return vmap(fn, in_dims=1, out_dims=1)
 
 
 def wrong_results(results: list[dict], tol: float) -> int:
@@ -274,45 +184,3 @@ def matmul_ceiling(dtype=torch.float32, n: int = 2048, device: str = "cpu") -> f
     t = time_interleaved({"mm": lambda: a @ b}, min_seconds=1.0, max_rounds=20,
                          clock=clock)["mm"]
     return 2 * n ** 3 / t["median_s"] / 1e9
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def write_results(out: Path, stem: str, markdown: str, payload: dict) -> None:
-    """Prints the markdown table and writes it and the JSON payload to out/stem.{md,json}."""
-    print(markdown)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(markdown)
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-
-
-def tf32_off() -> None:
-    """float32 GEMMs and convolutions in IEEE precision for every method timed, torch.func
-    and the plain matmul included. torch >= 2.9 has per-operator fp32_precision settings;
-    there the legacy allow_tf32 switches are not used (reading them raises once the two
-    disagree)."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False

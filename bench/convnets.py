@@ -20,21 +20,26 @@ from torch import nn
 
 import pyflat
 from pyflat import reference
+from pyflat.applications.digits import load_digits
+from pyflat.applications.models import digits_cnn
+from pyflat.applications.sweep import block
+from pyflat.applications.timing import machine, write_results
 
 from .common import (
     ResNet8,
-    block,
     compare_methods,
-    digit_images,
-    digits_cnn,
-    machine,
     random_images,
     targets_markdown,
     targets_report,
     timing_arguments,
-    write_results,
     wrong_results,
 )
+
+
+def digit_images(batch: int):
+    """The first ``batch`` digits (file order, float32) as 1x8x8 images."""
+    return load_digits(batch, dtype=torch.float32, images=True)
+
 
 MODELS = {
     # name: (model builder, data builder(batch), title, default batch)

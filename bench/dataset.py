@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pyflat
-
-from .common import digits, machine, mlp, write_results
+from pyflat.applications.digits import load_digits
+from pyflat.applications.models import mlp
+from pyflat.applications.timing import machine, write_results
 
 
 def synthetic(samples: int, seed: int = 0):
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = {f"digits {args.digits_samples}": digits(args.digits_samples),
+    sets = {f"digits {args.digits_samples}": load_digits(args.digits_samples, dtype=torch.float32),
             f"synthetic {args.synthetic_samples}":
             synthetic(args.synthetic_samples)}
     rows = []

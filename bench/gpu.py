@@ -32,19 +32,16 @@ from torch.func import vmap
 
 import pyflat
 from pyflat import reference
-
-from .common import (
-    ResNet8,
+from pyflat.applications.models import digits_cnn, mlp
+from pyflat.applications.timing import (
     cuda_clock,
-    digits_cnn,
     machine,
-    matmul_ceiling,
-    mlp,
-    product_flops,
     tf32_off,
     time_interleaved,
     write_results,
 )
+
+from .common import ResNet8, matmul_ceiling, product_flops
 
 CASES = [
     # name, widths (MLP) or (model builder, sample shape), batch, product, k,

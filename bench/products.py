@@ -22,20 +22,19 @@ from torch import nn
 
 import pyflat
 from pyflat import reference
+from pyflat.applications.digits import load_digits
+from pyflat.applications.models import mlp
+from pyflat.applications.sweep import block
+from pyflat.applications.timing import machine, write_results
 from pyflat.generic import GenericGGN, GenericHessian
 
 from .common import (
-    block,
     compare_methods,
-    digits,
-    machine,
     matmul_ceiling,
-    mlp,
     product_flops,
     targets_markdown,
     targets_report,
     timing_arguments,
-    write_results,
     wrong_results,
 )
 
@@ -86,7 +85,7 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float,
                 min_rounds: int) -> dict:
     widths, activation, title = MODELS[name]
     model = mlp(widths, activation)
-    data = digits(batch)
+    data = load_digits(batch, dtype=torch.float32)
     rows, grad_time = compare_methods(model, data, methods_for(model, data, k), k, min_seconds,
                                       min_rounds)
     for row in rows:

@@ -26,19 +26,18 @@ from torch import nn
 
 import pyflat
 from pyflat import reference
-
-from .common import digits, machine, mlp, write_results
+from pyflat.applications.digits import load_digits
+from pyflat.applications.models import mlp
+from pyflat.applications.timing import machine, write_results
+from pyflat.applications.training import train
 
 
 def trained_mlp(widths, samples, epochs, seed=0):
-    X, y = digits(samples, dtype=torch.float64)
-    model = mlp(widths, nn.Tanh, seed=seed).double()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(epochs):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        optimizer.step()
-    return model, (X, y)
+    """A tanh MLP trained ``epochs`` full-batch Adam steps (lr 0.01, float64) on the first
+    ``samples`` digits."""
+    data = load_digits(samples, dtype=torch.float64)
+    model = train(mlp(widths, nn.Tanh, seed=seed).double(), data, steps=epochs, lr=0.01)
+    return model, data
 
 
 def power_iteration_top(hvp, n, k, rtol, max_products, seed):

@@ -17,13 +17,13 @@ import torch
 
 import pyflat
 from pyflat import reference
-
-from .common import digit_images, digits, digits_cnn, mlp
+from pyflat.applications.digits import load_digits
+from pyflat.applications.models import digits_cnn, mlp
 
 MODELS = {
-    "logreg": lambda: (mlp([64, 10]), digits(1024)),
-    "mlp256": lambda: (mlp([64, 256, 256, 10]), digits(1024)),
-    "cnn": lambda: (digits_cnn().eval(), digit_images(1024)),
+    "logreg": lambda: (mlp([64, 10]), load_digits(1024, dtype=torch.float32)),
+    "mlp256": lambda: (mlp([64, 256, 256, 10]), load_digits(1024, dtype=torch.float32)),
+    "cnn": lambda: (digits_cnn().eval(), load_digits(1024, dtype=torch.float32, images=True)),
 }
 METHODS = {
     # (product, method): builds fn(v) from (model, data)

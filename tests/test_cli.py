@@ -1,4 +1,6 @@
-"""The command line: the demo end to end (small), the sharpness command, clear errors."""
+"""The command line: its options reach the applications as given, the sharpness command
+end to end, and every mistake ends in one clear line (exit status 2). The applications'
+own results are tested under tests/applications."""
 import json
 import os
 import re
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from pyflat import cli, paper
+from pyflat.applications import usage
 
 ENTRY = '''
 import torch
@@ -57,31 +60,6 @@ def entry(tmp_path):
     path = tmp_path / "my_model.py"
     path.write_text(ENTRY)
     return path
-
-
-def test_demo_writes_tables_json_and_plots(tmp_path, capsys):
-    out = tmp_path / "demo"
-    status = cli.main(["demo", "--out", str(out), "--weight-decays", "0", "0.01",
-                       "--steps", "60", "--width", "8", "--train-size", "300",
-                       "--trace-products", "30", "--frobenius-probes", "10",
-                       "--slq-probes", "4", "--slq-steps", "30"])
-    assert status == 0
-    text = capsys.readouterr().out
-    assert "logistic regression 64-10, 650 parameters" in text
-    assert "MLP 64-8-10 (tanh)" in text and "CE+L2" in text
-    result = json.loads((out / "demo.json").read_text())
-    assert [(r["model"], r["weight_decay"]) for r in result["runs"]] == [
-        ("logreg", 0.0), ("logreg", 0.01), ("mlp", 0.0), ("mlp", 0.01)]
-    for run in result["runs"]:
-        assert (out / run["density_png"]).stat().st_size > 0
-        for curvature in ("ggn", "hessian"):
-            ce = run["curvature"][curvature]["cross_entropy"]
-            l2 = run["curvature"][curvature]["with_l2"]
-            P = ce["num_params"]
-            # the L2 view is the CE operator shifted by mu
-            assert l2["trace"] == pytest.approx(ce["trace"] + run["weight_decay"] * P)
-            assert ce["spectral_norm"] > 0 and 0 <= ce["rank"]["rank"] <= P
-        assert 0.5 < run["test_accuracy"] <= 1.0
 
 
 def test_sharpness_command_prints_and_writes_json(entry, tmp_path, capsys):
@@ -182,8 +160,8 @@ def test_out_in_a_read_only_folder(entry, tmp_path, capsys, monkeypatch):
             # the way the operating system refuses them to anyone else
             def refused(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
-            monkeypatch.setattr(cli, "open", refused, raising=False)
-            monkeypatch.setattr(cli.tempfile, "TemporaryFile", refused)
+            monkeypatch.setattr(usage, "open", refused, raising=False)
+            monkeypatch.setattr(usage.tempfile, "TemporaryFile", refused)
         assert cli.main(["sharpness", "--entry", f"{entry}:raises", "--out",
                          str(folder / "report.json")]) == 2
         err = capsys.readouterr().err.strip()
@@ -313,15 +291,77 @@ def test_help_for_every_subcommand(capsys):
     assert cli.main([]) == 2
 
 
-def test_bench_sweep_writes_json_markdown_and_plot(tmp_path, monkeypatch):
-    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+def test_demo_options_reach_the_demo(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "demo", lambda out, **kwargs: calls.append((out, kwargs)))
+    assert cli.main(["demo"]) == 0
+    assert calls.pop() == ("pyflat-demo", {
+        "weight_decays": [0.0, 1e-3, 1e-2], "steps": 1000, "lr": 0.02, "width": 32,
+        "train_size": 1200, "trace_products": 99, "frobenius_probes": 30, "slq_probes": 10,
+        "slq_steps": 80})
+    assert cli.main(["demo", "--out", "x", "--weight-decays", "0.5", "--steps", "3", "--lr",
+                     "0.1", "--width", "4", "--train-size", "10", "--trace-products", "9",
+                     "--frobenius-probes", "3", "--slq-probes", "2", "--slq-steps", "5"]) == 0
+    assert calls.pop() == ("x", {
+        "weight_decays": [0.5], "steps": 3, "lr": 0.1, "width": 4, "train_size": 10,
+        "trace_products": 9, "frobenius_probes": 3, "slq_probes": 2, "slq_steps": 5})
+
+
+def test_sharpness_options_reach_the_application(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "entry_sharpness",
+                        lambda entry, **kwargs: calls.append((entry, kwargs)))
+    assert cli.main(["sharpness", "--entry", "m:f"]) == 0
+    assert calls.pop() == ("m:f", {"checkpoint": None, "curvature": "hessian",
+                                   "weight_decay": 0.0, "with_l2": False, "k": 5, "seed": 0,
+                                   "device": "cpu", "dtype": "float64", "out": None})
+    assert cli.main(["sharpness", "--entry", "m.py:f", "--checkpoint", "w.pt", "--curvature",
+                     "ggn", "--weight-decay", "0.1", "--with-l2", "--k", "2", "--seed", "3",
+                     "--device", "cuda", "--dtype", "float32", "--out", "r.json"]) == 0
+    assert calls.pop() == ("m.py:f", {"checkpoint": "w.pt", "curvature": "ggn",
+                                      "weight_decay": 0.1, "with_l2": True, "k": 2, "seed": 3,
+                                      "device": "cuda", "dtype": "float32", "out": "r.json"})
+
+
+def test_bench_options_reach_the_sweep(monkeypatch):
+    calls = []
+
+    def sweep(out, **kwargs):
+        calls.append((out, kwargs))
+        return 1  # the sweep's exit status is the command's
+
+    monkeypatch.setattr(cli, "sweep", sweep)
+    assert cli.main(["bench"]) == 1
+    assert calls.pop() == ("bench/results", {"models": None, "batches": None, "ks": None,
+                                             "seconds": None, "device": "cpu", "quick": False})
+    assert cli.main(["bench", "--quick", "--models", "cnn", "mlp512", "--batches", "8", "16",
+                     "--ks", "2", "--seconds", "0.5", "--device", "cuda", "--out", "o"]) == 1
+    assert calls.pop() == ("o", {"models": ["cnn", "mlp512"], "batches": [8, 16], "ks": [2],
+                                 "seconds": 0.5, "device": "cuda", "quick": True})
+
+
+BENCH_REFUSALS = [
+    (["--models", "resnet"], r"argument --models: invalid choice: 'resnet' \(choose from "),
+    (["--batches", "0"], "argument --batches: must be an integer >= 1, got 0$"),
+    (["--ks", "1", "-2"], "argument --ks: must be an integer >= 1, got -2$"),
+    (["--device", "nonsense"], "--device must be cpu, cuda or cuda:<index>, got 'nonsense'$"),
+]
+
+
+@pytest.mark.parametrize("args, message", BENCH_REFUSALS,
+                         ids=[" ".join(a) for a, _ in BENCH_REFUSALS])
+def test_bench_refuses_nonsense_in_one_line(tmp_path, args, message, capsys):
     out = tmp_path / "sweep"
-    assert cli.main(["bench", "--models", "mlp128", "cnn", "--batches", "32", "--ks", "1", "3",
-                     "--seconds", "0.01", "--out", str(out)]) == 0
-    rows = json.loads((out / "sweep.json").read_text())["rows"]
-    cases = {(r["model"], r["k"], r["product"], r["method"]) for r in rows}
-    assert ("cnn", 3, "hessian", "torch.func") in cases
-    assert ("mlp128", 1, "hessian", "double backward") in cases
-    assert all(r["rel_error"] < 1e-3 and r["products_per_s"] > 0 for r in rows)
-    assert (out / "sweep.png").stat().st_size > 0
-    assert "| cnn | 32 | 3 | ggn | pyflat |" in (out / "sweep.md").read_text()
+    assert cli.main(["bench", "--out", str(out), *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("pyflat bench: error: "), err
+    assert re.search(message, err), err
+    assert captured.out == "" and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_bench_on_cuda_without_a_gpu(tmp_path, capsys):
+    assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path / "sweep")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyflat bench: error: --device cuda: no CUDA GPU is visible to torch")

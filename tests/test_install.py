@@ -1,7 +1,8 @@
 """`pyflat bench` from a built, non-editable wheel, run outside the repository.
 
 A console script does not put the working folder on sys.path, so this is the only way
-to see that the wheel itself carries what the command needs (bench/ as pyflat.bench).
+to see that the wheel itself carries what the command needs: the sweep, its models, data
+loader and timing, all in pyflat.applications (the repository's bench/ is not installed).
 """
 import json
 import os
@@ -29,8 +30,8 @@ def test_pyflat_bench_runs_from_an_installed_wheel_outside_the_repository(tmp_pa
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
           str(wheel)], cwd=tmp_path, env=env)
     env["PYTHONPATH"] = str(target)
-    where = _run([sys.executable, "-c", "import pyflat.bench; print(pyflat.bench.__file__)"],
-                 cwd=work, env=env)
+    where = _run([sys.executable, "-c", "import pyflat.applications.sweep as s; "
+                  "print(s.__file__)"], cwd=work, env=env)
     assert Path(where.strip()).is_relative_to(target)  # the wheel's copy, not the checkout's
     out = work / "results"
     _run([str(target / "bin" / "pyflat"), "bench", "--models", "mlp128", "--batches", "32",

@@ -1,8 +1,8 @@
-"""The sweep behind `pyflat bench`: products per second over models, batch sizes and k.
+"""``pyflat bench``: products per second over models, batch sizes and k.
 
-    python -m bench.sweep                          # CPU: MLPs of two widths and the digits CNN
-    python -m bench.sweep --device cuda --out results/
-    python -m bench.sweep --models mlp128 --batches 64 --ks 1 --seconds 0.1   # a smoke run
+    pyflat bench                           # CPU: MLPs of two widths and the digits CNN
+    pyflat bench --device cuda --out results/
+    pyflat bench --models mlp128 --batches 64 --ks 1 --seconds 0.1   # a smoke run
 
 For every (model, batch, k, product) it times pyflat, torch.func (vmap over the k
 directions), for single Hessian products double-backward autograd with the graph rebuilt
@@ -10,52 +10,59 @@ per product, and curvlinops' GGN and Hessian operators when curvlinops is instal
 (`pip install curvlinops-for-pytorch`; it is not a dependency of pyflat). Each method's
 result is checked once against the float64 reference before timing (a wrong result fails
 the run). Writes sweep.json, sweep.md and sweep.png
-(products per second, log scale) to --out. Inputs are the digits (8x8, as vectors for the
-MLPs and images for the CNN), repeated when a batch exceeds the 1,797 images.
+(products per second, log scale) to ``out``. Inputs are the digits in the file's order
+(8x8, as vectors for the MLPs and images for the CNN), repeated when a batch exceeds the
+1,797 images.
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import numbers
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import pyflat
-from pyflat import reference
-
-from .common import (
-    block,
+from .. import reference
+from ..curvature import GGN, Hessian
+from .digits import load_digits
+from .models import digits_cnn, mlp
+from .timing import (
     cuda_clock,
-    digits_cnn,
     host_clock,
     machine,
-    mlp,
     tf32_off,
     time_interleaved,
     write_results,
 )
+from .usage import usable_device
+
+__all__ = ["CHECK_TOL", "FULL", "MODELS", "QUICK", "block", "methods", "run", "sweep"]
 
 MODELS = {
     "mlp128": ("MLP 64-128-10 (ReLU)", lambda: mlp([64, 128, 10]), "vector"),
     "mlp512": ("MLP 64-512-512-10 (tanh)", lambda: mlp([64, 512, 512, 10], nn.Tanh), "vector"),
     "cnn": ("digits CNN", lambda: digits_cnn().eval(), "image"),
 }
+#: the sweep's cases: all of them, and ``quick`` (fewer models, one batch size)
+FULL = {"models": list(MODELS), "batches": [128, 1024], "ks": [1, 8], "seconds": 1.0}
+QUICK = {"models": ["mlp128", "cnn"], "batches": [256], "ks": [1, 4], "seconds": 0.3}
 CHECK_TOL = 1e-3  # float32 against the float64 reference: a broken method is off by O(1)
 
 
 def batch_of(size: int, layout: str, device):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    reps = -(-size // len(data.target))
-    X = (torch.tensor(data.data, dtype=torch.float32) / 16.0).repeat(reps, 1)[:size]
-    y = torch.tensor(data.target, dtype=torch.long).repeat(reps)[:size]
-    if layout == "image":
-        X = X.view(-1, 1, 8, 8)
+    """``size`` digits (float32, repeated past 1,797) as vectors or 1x8x8 images."""
+    X, y = load_digits(size, dtype=torch.float32, repeat=True, images=layout == "image")
     return X.to(device), y.to(device)
+
+
+def block(fn):
+    """torch.func's way to a block of products: vmap over the columns."""
+    from torch.func import vmap
+
+    return vmap(fn, in_dims=1, out_dims=1)
 
 
 def curvlinops_product(model, data, product: str):
@@ -72,8 +79,11 @@ def curvlinops_product(model, data, product: str):
 
 
 def methods(model, data, product: str, k: int):
+    """{label: fn(v)} of the methods timed for this product ("ggn" or "hessian") with k
+    directions per call: pyflat, torch.func, double backward (single Hessian products)
+    and curvlinops when installed."""
     f = reference.functions(model, data)
-    op = (pyflat.GGN if product == "ggn" else pyflat.Hessian)(model, data, backend="fused")
+    op = (GGN if product == "ggn" else Hessian)(model, data, backend="fused")
     base = f.ggn_vp if product == "ggn" else f.hvp
     out = {"pyflat": op.matvec if k == 1 else op.matmat,
            "torch.func": base if k == 1 else block(base)}
@@ -86,6 +96,8 @@ def methods(model, data, product: str, k: int):
 
 
 def run(models, batches, ks, seconds, device) -> list[dict]:
+    """One row per (model, batch, k, product, method): each method checked once against
+    the float64 reference (``rel_error``), then timed in interleaved rounds."""
     clock = cuda_clock if device.type == "cuda" else host_clock
     rows = []
     for name in models:
@@ -122,6 +134,7 @@ def run(models, batches, ks, seconds, device) -> list[dict]:
 
 
 def markdown(rows: list[dict], info: dict, device) -> str:
+    """The rows as sweep.md: one table under a line naming torch, the machine and the date."""
     where = info["gpu"] if device.type == "cuda" else f"{info['threads']} threads, {info['cpu']}"
     lines = ["# pyflat sweep", "",
              f"torch {info['torch']}, {where}, {info['date']}. float32"
@@ -136,6 +149,7 @@ def markdown(rows: list[dict], info: dict, device) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Products per second of every method, one group of bars per case, log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,37 +178,52 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--batches", type=int, nargs="+", default=[128, 1024])
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--seconds", type=float, default=1.0, help="minimum time per case")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = parser.parse_args(argv)
-    if any(b < 1 for b in args.batches) or any(k < 1 for k in args.ks):
-        parser.error("--batches and --ks must be positive")
-    device = torch.device(args.device)
+def _positive(values, name: str) -> list[int]:
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+                         for v in values):
+        raise ValueError(f"{name} must be integers >= 1, got {values!r}")
+    return [int(v) for v in values]
+
+
+def sweep(out: str | Path = "bench/results", *, models: Sequence[str] | None = None,
+          batches: Sequence[int] | None = None, ks: Sequence[int] | None = None,
+          seconds: float | None = None, device: str = "cpu", threads: int = 2,
+          quick: bool = False) -> int:
+    """Runs the sweep, prints its table and writes sweep.json, sweep.md and sweep.png to
+    ``out``; returns the exit status: 0, or 1 when a method's result was off the float64
+    reference by CHECK_TOL or more (each printed as WRONG RESULT on stderr).
+
+    ``models`` (keys of MODELS), ``batches``, ``ks`` and ``seconds`` (the least timing
+    time per case) left None take FULL's values, or QUICK's with ``quick``. On the CPU
+    torch runs ``threads`` threads; on a GPU, float32 in IEEE precision (TF32 off).
+
+    Raises:
+        UsageError: ``device`` is not usable (no GPU for cuda).
+        ValueError: a model not in MODELS, or batches or ks not all integers >= 1.
+    """
+    cases = QUICK if quick else FULL
+    models = list(cases["models"] if models is None else models)
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise ValueError(f"models must be among {', '.join(MODELS)}, got {models!r}")
+    batches = _positive(cases["batches"] if batches is None else batches, "batches")
+    ks = _positive(cases["ks"] if ks is None else ks, "ks")
+    seconds = cases["seconds"] if seconds is None else seconds
+    out = Path(out)
+    device = usable_device(device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA GPU is visible to torch")
         tf32_off()
     else:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     info = machine()
-    rows = run(args.models, args.batches, args.ks, args.seconds, device)
-    write_results(args.out, "sweep", markdown(rows, info, device),
+    rows = run(models, batches, ks, seconds, device)
+    write_results(out, "sweep", markdown(rows, info, device),
                   {"machine": info, "device": str(device), "rows": rows})
-    plot(rows, args.out / "sweep.png")
-    print(f"wrote {args.out / 'sweep.png'}")
+    plot(rows, out / "sweep.png")
+    print(f"wrote {out / 'sweep.png'}")
     bad = [r for r in rows if not r["rel_error"] < CHECK_TOL]
     for r in bad:
         print(f"WRONG RESULT: {r['model']} batch {r['batch']} k {r['k']} {r['product']} "
               f"{r['method']}: {r['rel_error']:.1e}", file=sys.stderr)
     return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

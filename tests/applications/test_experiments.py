@@ -1,15 +1,22 @@
-"""The paper's further experiments (pyflat.paper) at a small size."""
+"""The paper's further experiments (pyflat.applications.experiments) at a small size."""
 import subprocess
 import sys
 from pathlib import Path
 
-from pyflat import paper
+import torch
+
+from pyflat.applications import experiments
+from pyflat.applications.digits import load_digits
+
+
+def digits(samples):
+    return load_digits(samples, shuffle=True, seed=0)
 
 
 def test_last_layer_scaling_keeps_predictions_and_lowers_curvature():
-    data = paper.digits(150)
-    model = paper.train_mlp(data, width=8, steps=600)
-    result = paper.last_layer_scaling(data, alphas=(1, 2, 4), model=model)
+    data = digits(150)
+    model = experiments.trained_mlp(data, width=8, steps=600)
+    result = experiments.last_layer_scaling(data, alphas=(1, 2, 4), model=model)
     assert result["all_correct"]  # the claim's condition: every training point classified
     rows = result["rows"]
     assert all(r["same_predictions"] for r in rows)
@@ -19,7 +26,7 @@ def test_last_layer_scaling_keeps_predictions_and_lowers_curvature():
 
 
 def test_logistic_regression_rank_gap_at_the_predicted_rank():
-    result = paper.logistic_regression_rank(paper.digits(120), steps=20)
+    result = experiments.logistic_regression_rank(digits(120), steps=20)
     assert result["predicted"] == (result["classes"] - 1) * result["rank_design"]
     assert result["predicted"] < result["parameters"]
     # nonzero eigenvalues up to the predicted rank, round-off past it
@@ -29,11 +36,20 @@ def test_logistic_regression_rank_gap_at_the_predicted_rank():
 
 
 def test_outliers_reports_the_top_of_the_spectrum():
-    data = paper.digits(200)
-    model = paper.train_mlp(data, width=8, steps=200, weight_decay=0.01)
-    result = paper.outliers(data, k=12, model=model)
+    data = digits(200)
+    model = experiments.trained_mlp(data, width=8, steps=200, weight_decay=0.01)
+    result = experiments.outliers(data, k=12, model=model)
     assert len(result["top"]) == 12 and result["top"] == sorted(result["top"], reverse=True)
     assert 1 <= result["largest_gap_after"] < 12 and result["gap_ratio"] > 1
+
+
+def test_trained_mlp_is_a_seeded_tanh_mlp_in_eval_mode():
+    data = digits(60)
+    a = experiments.trained_mlp(data, width=4, steps=5, seed=3)
+    b = experiments.trained_mlp(data, width=4, steps=5, seed=3)
+    assert not a.training and a[0].weight.dtype == torch.float64
+    assert [tuple(p.shape) for p in a.parameters()] == [(4, 64), (4,), (10, 4), (10,)]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_pytest_benchmark_suite_collects_every_case():
