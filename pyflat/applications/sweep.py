@@ -80,8 +80,9 @@ def curvlinops_product(model, data, product: str):
 
 def methods(model, data, product: str, k: int):
     """{label: fn(v)} of the methods timed for this product ("ggn" or "hessian") with k
-    directions per call: pyflat, torch.func, double backward (single Hessian products)
-    and curvlinops when installed."""
+    directions per call: pyflat, torch.func, double backward with the graph rebuilt per
+    product and with it kept across products (single Hessian products), and curvlinops
+    when installed."""
     f = reference.functions(model, data)
     op = (GGN if product == "ggn" else Hessian)(model, data, backend="fused")
     base = f.ggn_vp if product == "ggn" else f.hvp
@@ -89,6 +90,8 @@ def methods(model, data, product: str, k: int):
            "torch.func": base if k == 1 else block(base)}
     if product == "hessian" and k == 1:
         out["double backward"] = f.hvp_double_backward_rebuilt
+        # PyHessian's way: the gradient's graph built once and kept across products
+        out["double backward, graph kept"] = f.hvp_double_backward
     other = curvlinops_product(model, data, product)
     if other is not None:
         out["curvlinops"] = other
