@@ -56,12 +56,14 @@ class _FusedBatch(BatchCurvature):
     block_memory_bytes: int = 1 << 30
     _bytes_per_direction: int
 
-    def _directions_per_call(self) -> int:
+    def block_size(self) -> int:
+        """Directions per product call: as many as keep the tangents of one call under
+        ``block_memory_bytes``."""
         return max(1, self.block_memory_bytes // self._bytes_per_direction)
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         k = V.shape[1]
-        chunk = self._directions_per_call()
+        chunk = self.block_size()
         if k == 1:  # (P, 1) and (1, P) share one memory layout
             return self._product(V.reshape(1, -1)).reshape(-1, 1)
         if k <= chunk:

@@ -134,12 +134,15 @@ class DatasetCurvature(CurvatureOperator):
         self._cached: list[BatchCurvature] = []
         held = 0
         num_samples, num_batches, loss_sum = 0, 0, 0.0
-        first = None
+        first, block = None, None
         #: per batch, what a later pass must yield again (see _fingerprint)
         self._fingerprints: list[torch.Tensor] = []
         for X, y in self._iterate():
             op = self._make(X, y)
             first = first or op
+            bound = op.block_size()
+            if bound is not None:  # the tightest batch bounds every product call
+                block = bound if block is None else min(block, bound)
             self._fingerprints.append(_fingerprint(X, y))
             num_batches += 1
             num_samples += op.num_samples
@@ -169,6 +172,7 @@ class DatasetCurvature(CurvatureOperator):
         self.engine = first.engine
         self.num_samples, self.num_batches = num_samples, num_batches
         self.num_classes = first.num_classes
+        self._block_size = block
         self.reduction = reduction
         self._distributed = distributed
         self._scale = 1.0 / num_samples if reduction == "mean" else 1.0
@@ -179,6 +183,10 @@ class DatasetCurvature(CurvatureOperator):
                              "bytes_held": held, "budget_bytes": cache_bytes,
                              "path": "all batches cached" if len(self._cached) == num_batches
                              else "batches past the budget prepared again per product"}
+
+    def block_size(self) -> int | None:
+        """The smallest bound of the batches' operators, read at construction."""
+        return self._block_size
 
     def _iterate(self):
         for batch in self._batches():

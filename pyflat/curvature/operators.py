@@ -119,6 +119,10 @@ class _Curvature(CurvatureOperator):
                              "fixed augmentation) and the model must be deterministic "
                              "(model.eval(), no dropout)")
 
+    def block_size(self) -> int | None:
+        """The back end's bound on directions per product call (None: the reference)."""
+        return self.backend_operator.block_size()
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self.backend_operator._matmat(V)
         if self.weight_decay:  # once, after the sum over batches (and ranks)

@@ -18,7 +18,7 @@ import torch
 
 from .layout import ParameterLayout
 
-__all__ = ["CurvatureOperator", "LinearCombination", "Restricted", "Vector"]
+__all__ = ["CurvatureOperator", "LinearCombination", "Restricted", "Vector", "operator_block_size"]
 
 Vector = torch.Tensor | Sequence[torch.Tensor]
 
@@ -152,6 +152,17 @@ class CurvatureOperator(abc.ABC):
             dense[:, start:stop] = self._matmat(eye)
         return dense
 
+    def block_size(self) -> int | None:
+        """The most directions one product call takes under the operator's memory policy,
+        or None where it sets no bound (a wider block is then one call).
+
+        It follows from static sizes alone (the model's widths, the batch, the dtype),
+        never from the memory free at run time: a product's last bits may depend on the
+        block a direction travels in, so the same call must split its blocks the same way
+        on every run. The estimators send their probes in blocks of this size by default.
+        """
+        return None
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
                 f"device={self.device})")
@@ -234,6 +245,11 @@ class LinearCombination(CurvatureOperator):
             out = part.mul(coef) if out is None else out.add_(part, alpha=coef)
         return out
 
+    def block_size(self) -> int | None:
+        """The smallest bound of the terms (each product runs every term on the block)."""
+        sizes = [size for _, op in self.terms if (size := op.block_size()) is not None]
+        return min(sizes) if sizes else None
+
     def __repr__(self) -> str:
         inner = " + ".join(f"{c:g} * {type(op).__name__}" for c, op in self.terms)
         return f"LinearCombination({inner}, shape={self.shape})"
@@ -286,7 +302,18 @@ class Restricted(CurvatureOperator):
         self.positions = positions
         self._rows = operator.layout.indices(positions).to(operator.device)
 
+    def block_size(self) -> int | None:
+        """The full operator's bound: a product runs it on the embedded block."""
+        return self.operator.block_size()
+
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         full = V.new_zeros(self.operator.shape[0], V.shape[1])
         full[self._rows] = V
         return self.operator._matmat(full)[self._rows]
+
+
+def operator_block_size(A) -> int | None:
+    """The operator's bound on directions per product call (``A.block_size()``), or None
+    for a dense tensor or an operator without one."""
+    bound = getattr(A, "block_size", None)
+    return bound() if callable(bound) else None

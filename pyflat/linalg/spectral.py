@@ -17,6 +17,7 @@ import torch
 
 from .._progress import progress_bar
 from .lanczos import LanczosRuns, _check_operator, _generator, tridiagonal
+from .operator import operator_block_size
 
 __all__ = ["SpectralDensity", "slq", "exact_rank"]
 
@@ -204,7 +205,8 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
     orthogonalizes twice against it; without, only the three-term recurrence runs, in
     O(n) memory per probe: the quadrature tolerates the lost orthogonality (Ghorbani et
     al. 2019), outlier counts and Ritz values do not. Probes are split into groups so
-    that the bases of a group fit in ``memory_budget`` bytes.
+    that the bases of a group fit in ``memory_budget`` bytes and a group's block is one
+    product call of the operator (``A.block_size()``).
 
     Defaults follow Ghorbani et al. 2019 (about 10 probes x 80-100 steps). ``progress``
     shows a bar on stderr (None: only on a terminal).
@@ -231,7 +233,8 @@ def slq(A, num_probes: int = 10, num_steps: int = 80, *, distribution: str = "ra
     device = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
     item = torch.finfo(basis_dtype).bits // 8
     per_probe = num_steps * n * item if reorthogonalize else 3 * n * 8
-    group = max(1, min(num_probes, memory_budget // max(per_probe, 1)))
+    group = max(1, min(num_probes, memory_budget // max(per_probe, 1),
+                       operator_block_size(A) or num_probes))
     if distribution == "rademacher":
         probes = torch.randint(0, 2, (n, num_probes), generator=gen).to(torch.float64) * 2 - 1
     else:

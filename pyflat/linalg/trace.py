@@ -19,6 +19,7 @@ import torch
 
 from .._progress import progress_bar
 from .lanczos import _check_operator, _generator
+from .operator import operator_block_size
 
 __all__ = ["Estimate", "adaptive_trace", "hutchinson_trace", "hutchpp_trace", "frobenius_norm"]
 
@@ -57,8 +58,9 @@ def _probes(n: int, count: int, distribution: str, gen: torch.Generator) -> torc
 
 
 def _apply_blocks(A, V: torch.Tensor, block_size: int | None) -> torch.Tensor:
-    """A @ V in float64, with the columns of V sent in blocks of ``block_size``."""
-    step = V.shape[1] if block_size is None else block_size
+    """A @ V in float64, with the columns of V sent in blocks of ``block_size`` (None: the
+    operator's own bound, else all at once)."""
+    step = block_size or operator_block_size(A) or V.shape[1]
     outs = []
     for block in V.split(step, dim=1):
         out = A @ block.to(dtype=A.dtype, device=A.device)
@@ -93,8 +95,9 @@ def hutchinson_trace(A, num_probes: int = 100, distribution: str = "rademacher",
         num_probes: m, the number of probes (= products), at least 2.
         distribution: 'rademacher' or 'gaussian'.
         seed, generator: randomness of the probes (at most one; neither means seed 0).
-        block_size: probes per product call, so V is (n, block_size) (default: all at
-            once).
+        block_size: probes per product call, so V is (n, block_size) (default: the
+            operator's ``block_size()``, which depends on static sizes only; all at once for
+            a dense tensor).
 
     Returns:
         An :class:`Estimate` with ``samples`` the m terms v_i^T A v_i and ``stderr`` their
