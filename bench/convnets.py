@@ -23,7 +23,13 @@ from pyflat import reference
 from pyflat.applications.digits import load_digits
 from pyflat.applications.models import digits_cnn
 from pyflat.applications.sweep import block
-from pyflat.applications.timing import machine, write_results
+from pyflat.applications.timing import (
+    allocator_argument,
+    allocator_text,
+    apply_allocator,
+    machine,
+    write_results,
+)
 
 from .common import (
     ResNet8,
@@ -85,6 +91,7 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float,
 def markdown(results: list[dict], report: list[dict], info: dict) -> str:
     lines = ["# pyflat convnet benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{allocator_text(info)}, "
              f"{info['date']}. float32, eval mode.", ""]
     for res in results:
         lines += [f"## {res['title']}, batch {res['batch']} ({res['params']:,} parameters; a "
@@ -111,7 +118,9 @@ def main(argv=None) -> int:
     timing_arguments(parser, seconds=3.0, rounds=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for convnets.json and convnets.md")
+    allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.default_allocator)
     if args.k < 2:
         parser.error(f"--k must be at least 2 (single products are always timed), got {args.k}")
     torch.set_num_threads(args.threads)

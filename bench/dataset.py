@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import pyflat
 from pyflat.applications.digits import load_digits
 from pyflat.applications.models import mlp
-from pyflat.applications.timing import machine, write_results
+from pyflat.applications.timing import (
+    allocator_argument,
+    allocator_text,
+    apply_allocator,
+    machine,
+    write_results,
+)
 
 
 def synthetic(samples: int, seed: int = 0):
@@ -70,7 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.default_allocator)
     torch.set_num_threads(args.threads)
     sets = {f"digits {args.digits_samples}": load_digits(args.digits_samples, dtype=torch.float32),
             f"synthetic {args.synthetic_samples}":
@@ -82,7 +90,8 @@ def main(argv=None) -> int:
             print(f"{name}: {rows[-1]['cache']} done", file=sys.stderr, flush=True)
     info = machine()
     lines = ["# pyflat whole-data-set benchmark", "",
-             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, {info['date']}. "
+             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{allocator_text(info)}, {info['date']}. "
              f"MLP 64-128-128-10 tanh, float32, batches of {args.batch}.", "",
              "| data | cache | prepare s | top eigenvalue | s (products/s) | trace +- stderr | "
              "s (products/s) |", "|---|---|---|---|---|---|---|"]

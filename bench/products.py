@@ -25,7 +25,13 @@ from pyflat import reference
 from pyflat.applications.digits import load_digits
 from pyflat.applications.models import mlp
 from pyflat.applications.sweep import block
-from pyflat.applications.timing import machine, write_results
+from pyflat.applications.timing import (
+    allocator_argument,
+    allocator_text,
+    apply_allocator,
+    machine,
+    write_results,
+)
 from pyflat.generic import GenericGGN, GenericHessian
 
 from .common import (
@@ -99,6 +105,7 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float,
 def markdown(results: list[dict], report: list[dict], info: dict, ceiling: float) -> str:
     lines = ["# pyflat products benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{allocator_text(info)}, "
              f"{info['date']}. float32, digits batch {results[0]['batch']}. "
              f"Plain {2048}^3 matmul in this run: {ceiling:.0f} GFLOP/s.", ""]
     for res in results:
@@ -124,7 +131,9 @@ def main(argv=None) -> int:
     timing_arguments(parser, seconds=2.0, rounds=15)
     parser.add_argument("--out", type=Path, default=Path("bench/results"),
                         help="folder for products.json and products.md")
+    allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.default_allocator)
     if args.k < 2:
         parser.error(f"--k must be at least 2 (single products are always timed), got {args.k}")
     torch.set_num_threads(args.threads)

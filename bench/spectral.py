@@ -28,7 +28,13 @@ import pyflat
 from pyflat import reference
 from pyflat.applications.digits import load_digits
 from pyflat.applications.models import mlp
-from pyflat.applications.timing import machine, write_results
+from pyflat.applications.timing import (
+    allocator_argument,
+    allocator_text,
+    apply_allocator,
+    machine,
+    write_results,
+)
 from pyflat.applications.training import train
 
 
@@ -101,7 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-products", type=int, default=3000,
                         help="budget of autograd products per baseline task")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    allocator_argument(parser)
     args = parser.parse_args(argv)
+    apply_allocator(args.default_allocator)
     torch.set_num_threads(args.threads)
     model, data = trained_mlp(args.widths, args.samples, args.epochs)
     P = sum(p.numel() for p in model.parameters())
@@ -141,7 +149,8 @@ def main(argv=None) -> int:
 
     info = machine()
     lines = ["# pyflat spectral benchmark", "",
-             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, {info['date']}. "
+             f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
+             f"{allocator_text(info)}, {info['date']}. "
              f"MLP {'-'.join(map(str, args.widths))} (tanh, {P:,} parameters) trained "
              f"{args.epochs} Adam steps on {args.samples} digits, float64 Hessian.", "",
              "| task | pyflat s (products) | baseline | baseline s (products) | speed-up | "

@@ -12,6 +12,7 @@ from . import (
     ops,
     reference,
 )
+from .allocator import allocator_settings, tune_allocator
 from .analysis import SharpnessReport, ValidationReport, sharpness, validate
 from .curvature import GGN, Hessian
 from .errors import UnsupportedModel
@@ -39,4 +40,5 @@ __all__ = [
     "hutchinson_trace", "hutchpp_trace", "lanczos", "LinearCombination", "ops", "reference",
     "Restricted", "SharpnessReport", "UnsupportedModel", "ValidationReport", "validate",
     "get_allow_tf32", "set_allow_tf32", "SpectralDensity", "exact_rank", "sharpness", "slq",
+    "tune_allocator", "allocator_settings",
 ]

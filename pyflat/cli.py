@@ -16,6 +16,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from .allocator import tune_allocator
 from .applications.demo import demo
 from .applications.sweep import MODELS, sweep
 from .applications.usage import UsageError
@@ -98,6 +99,13 @@ def _bench(args) -> int:
 
 # --------------------------------------------------------------------------- main
 
+def _allocator_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone; by default this long run "
+                             "calls pyflat.tune_allocator, so that large temporaries reuse "
+                             "freed memory instead of faulting in fresh pages per product")
+
+
 _HUTCHPP_MINIMUM = " (Hutch++ spends them in three equal parts of at least 2)"
 
 
@@ -132,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                    default=30)
     d.add_argument("--slq-probes", type=_integer(1), default=10)
     d.add_argument("--slq-steps", type=_integer(1), default=80)
+    _allocator_flag(d)
     d.set_defaults(run=_demo)
 
     s = sub.add_parser("sharpness", help="the sharpness report of your model and data",
@@ -151,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index>")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     s.add_argument("--out", help="write the report as JSON here")
+    _allocator_flag(s)
     s.set_defaults(run=_sharpness)
 
     b = sub.add_parser("bench", help="pyflat against autograd: products per second",
@@ -167,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="batch sizes (default: 128 1024)")
     b.add_argument("--ks", type=_integer(1), nargs="+", help="directions per call (default: 1 8)")
     b.add_argument("--seconds", type=float, help="minimum timing time per case")
+    _allocator_flag(b)
     b.set_defaults(run=_bench)
     return parser
 
@@ -184,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if not args.default_allocator:
+            tune_allocator()
         return args.run(args)
     except UsageError as err:
         if args.traceback:

@@ -57,3 +57,17 @@ def test_convnet_benchmark_runs_and_checks_every_method(tmp_path):
         assert {("ggn", 1, "pyflat"), ("hessian", 2, "torch.func")} <= {
             (r["product"], r["k"], r["method"]) for r in res["rows"]}
     assert "| resnet8 | ggn | 1 | torch.func |" in (tmp_path / "convnets.md").read_text()
+
+
+def test_blocks_benchmark_runs_both_allocators(tmp_path):
+    from bench import blocks
+
+    assert blocks.main(["--models", "logreg", "--rounds", "3", "--batch", "64",
+                        "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "blocks.json").read_text())
+    for setting in ("default", "tuned"):
+        rows = result["runs"][setting]
+        assert [(r["product"], r["k"]) for r in rows] == [
+            (p, k) for p in ("GGN", "Hessian") for k in (1, 4, 16)]
+        assert all(r["ms_per_direction"] > 0 and r["faults_per_call"] >= 0 for r in rows)
+    assert "| logistic regression 64-10 | GGN | 16 |" in (tmp_path / "blocks.md").read_text()

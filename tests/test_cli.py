@@ -365,3 +365,12 @@ def test_bench_on_cuda_without_a_gpu(tmp_path, capsys):
     assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path / "sweep")]) == 2
     assert capsys.readouterr().err.strip() == (
         "pyflat bench: error: --device cuda: no CUDA GPU is visible to torch")
+
+
+@pytest.mark.parametrize("extra, tuned", [([], True), (["--default-allocator"], False)])
+def test_long_runs_tune_the_allocator_unless_asked_not_to(monkeypatch, extra, tuned):
+    calls = []
+    monkeypatch.setattr(cli, "tune_allocator", lambda: calls.append("tuned") or True)
+    monkeypatch.setattr(cli, "demo", lambda out, **kwargs: 0)
+    assert cli.main(["demo", *extra]) == 0
+    assert calls == (["tuned"] if tuned else [])

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyflat"
 #: lowest first; a module belongs to the first layer one of whose prefixes it starts with
 LAYERS = [
     ("base", ["pyflat.errors", "pyflat.precision", "pyflat._progress", "pyflat.activations",
-              "pyflat._C"]),
+              "pyflat.allocator", "pyflat._C"]),
     ("ops", ["pyflat.ops"]),
     ("linear algebra over any operator", ["pyflat.linalg"]),
     ("engines", ["pyflat.engines"]),

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocator import allocator_settings
 from ..analysis import sharpness
 from ..curvature import Hessian
 from ..linalg import slq
 from .digits import SIZE, load_digits
 from .models import mlp
+from .timing import allocator_text, machine
 from .training import accuracy, train
 from .usage import UsageError, writable_folder
 
@@ -85,7 +87,8 @@ def demo(out: str | Path = "pyflat-demo", *, weight_decays: Sequence[float] = (0
     }
     runs, start = [], time.perf_counter()
     print(f"scikit-learn digits: {len(train_set[1])} train / {len(test_set[1])} test images "
-          f"(8x8), float64; full-batch Adam, {steps} steps, seed 0\n")
+          f"(8x8), float64; full-batch Adam, {steps} steps, seed 0; "
+          f"{allocator_text(machine())}\n")
     for key, (title, widths) in models.items():
         rows = []
         for mu in weight_decays:
@@ -116,6 +119,7 @@ def demo(out: str | Path = "pyflat-demo", *, weight_decays: Sequence[float] = (0
     summary = {"data": {"name": "scikit-learn digits", "train": len(train_set[1]),
                         "test": len(test_set[1])},
                "settings": {"steps": steps, "lr": lr, "seed": 0,
+                            "allocator": allocator_settings(),
                             "weight_decays": list(weight_decays),
                             "trace_products": trace_products,
                             "frobenius_probes": frobenius_probes,

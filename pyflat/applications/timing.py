@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import allocator_settings, tune_allocator
+
 __all__ = ["cuda_clock", "host_clock", "machine", "tf32_off", "time_interleaved",
            "write_results"]
 
@@ -84,6 +86,8 @@ def machine() -> dict[str, object]:
         "cpu": cpu,
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # pyflat.tune_allocator's thresholds, or None: glibc's own adaptive ones
+        "allocator": allocator_settings(),
     }
 
 
@@ -106,3 +110,26 @@ def tf32_off() -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+
+
+def allocator_argument(parser) -> None:
+    """--default-allocator: time with glibc's own thresholds instead of the tuned ones."""
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc thresholds alone (by default the run "
+                             "calls pyflat.tune_allocator, and says so in its output)")
+
+
+def apply_allocator(default_allocator: bool) -> None:
+    """Calls pyflat.tune_allocator unless the default allocator was asked for."""
+    if not default_allocator:
+        tune_allocator()
+
+
+def allocator_text(info: dict) -> str:
+    """How the run's allocator was set, for the header of a results table."""
+    settings = info.get("allocator")
+    if settings is None:
+        return "glibc malloc defaults"
+    return (f"malloc tuned by pyflat.tune_allocator (mmap threshold "
+            f"{settings['mmap_threshold'] / 2**30:g} GiB, trim threshold "
+            f"{settings['trim_threshold'] / 2**30:.0f} GiB)")

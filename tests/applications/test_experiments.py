@@ -58,4 +58,4 @@ def test_pytest_benchmark_suite_collects_every_case():
                               "bench/test_benchmarks.py"], cwd=root, capture_output=True,
                              text=True, check=True).stdout
     cases = [line for line in listing.splitlines() if "::test_single_product[" in line]
-    assert len(cases) == 3 * 5, listing
+    assert len(cases) == 3 * 6, listing  # 3 models x 6 (product, method) pairs
