@@ -5,8 +5,10 @@
 For each model (float32, a batch of 1,024 digits) and product, it times single products
 and blocks of 4 and 16 directions in interleaved rounds (one call of each per round) and
 reports the per-direction time of a block over the single product's (median of the rounds,
-with the quartiles), and the minor page faults per call from ``resource.getrusage``: pages
-the kernel handed out zeroed because the allocator had returned them. It runs twice, each
+with the quartiles), the minor page faults per call from ``resource.getrusage`` (pages the
+kernel handed out zeroed because the allocator had returned them), and a profile of one
+call (torch.profiler's self CPU time by category: GEMMs, convolutions, transposes,
+pyflat's per-element kernels, copies and fills). It runs twice, each
 in its own process, since tuning the allocator cannot be undone: with glibc's default
 thresholds, and after ``pyflat.tune_allocator()``; the difference is the allocation's cost.
 """
@@ -34,10 +36,37 @@ MODELS = {
     "cnn": ("digits CNN", lambda: digits_cnn().eval(), True),
 }
 KS = (1, 4, 16)
+#: profile categories: an op's self CPU time goes to the first whose names it matches
+CATEGORIES = [
+    ("GEMM", ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm",
+              "aten::matmul", "aten::linear", "aten::addmv", "aten::mv")),
+    ("convolution", ("aten::mkldnn_convolution", "aten::convolution_backward",
+                     "aten::convolution", "aten::_convolution")),
+    ("transposes", ("pyflat::transpose",)),
+    ("pyflat per-element kernels", ("pyflat::",)),
+    ("copies and fills", ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone",
+                          "aten::contiguous", "aten::zeros", "aten::zeros_like")),
+]
 
 
 def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def profile(op, V) -> dict[str, float]:
+    """ms of self CPU time per category in one call ``op @ V`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        op @ V
+    spent = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for event in prof.key_averages():
+        category = next((name for name, keys in CATEGORIES
+                         if any(event.key == k or (k.endswith("::") and event.key.startswith(k))
+                                for k in keys)), "other")
+        spent[category] += event.self_cpu_time_total / 1e3
+    return spent
 
 
 def measure(names, rounds: int, batch: int) -> list[dict]:
@@ -69,7 +98,8 @@ def measure(names, rounds: int, batch: int) -> list[dict]:
                              "q1_ms": q1, "q3_ms": q3,
                              "vs_single": statistics.median(times[k]) / single,
                              "faults_per_call": int(statistics.median(faults[k])),
-                             "block_size": op.block_size()})
+                             "block_size": op.block_size(),
+                             "profile_ms": profile(op, blocks[k])})
     return rows
 
 
@@ -88,6 +118,19 @@ def markdown(runs: dict, info: dict, rounds: int) -> str:
             f"{plain['vs_single']:.2f}x | {plain['faults_per_call']:,} | "
             f"{tuned['ms_per_direction']:.2f} ({tuned['q1_ms']:.2f}-{tuned['q3_ms']:.2f}) | "
             f"{tuned['vs_single']:.2f}x | {tuned['faults_per_call']:,} |")
+    names = [name for name, _ in CATEGORIES] + ["other"]
+    lines += ["", "Where a call's time goes (tuned run, one profiled call, self CPU ms of the "
+              "calling thread; the MLP engine's own small GEMMs count as pyflat kernels; other: "
+              "views, sums, the profiler's own cost); allocation: the default run's median time "
+              "per call minus the tuned run's.", "",
+              "| model | product | k | " + " | ".join(names) + " | allocation |",
+              "|---|---|---|" + "---|" * (len(names) + 1)]
+    for plain, tuned in zip(runs["default"], runs["tuned"]):
+        spent = tuned["profile_ms"]
+        allocation = (plain["ms_per_direction"] - tuned["ms_per_direction"]) * plain["k"]
+        lines.append(f"| {plain['title']} | {plain['product']} | {plain['k']} | "
+                     + " | ".join(f"{spent[n]:.2f}" for n in names)
+                     + f" | {allocation:.2f} |")
     return "\n".join(lines) + "\n"
 
 

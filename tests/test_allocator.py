@@ -1,5 +1,5 @@
-"""pyflat.tune_allocator: an opt-in that stops large temporaries from faulting in fresh
-pages on every product. It changes the whole process for good, so it runs in a child."""
+"""pyflat.tune_allocator: an opt-in that keeps large temporaries in malloc's heap instead of
+fresh mappings per product. It changes the whole process for good, so it runs in a child."""
 import json
 import platform
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import pyflat
 
 CHILD = r"""
-import ctypes, json, resource, torch
+import ctypes, json, torch
 import pyflat
 
 class MallInfo2(ctypes.Structure):
@@ -29,24 +29,17 @@ def mapped_for_a_block():
     del block
     return mapped
 
-def faults_per_round(rounds=6):
-    torch.empty(64 << 20, dtype=torch.uint8).fill_(1)  # first touch, not counted
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(rounds):
-        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / rounds
-
 mapped_before = mapped_for_a_block()
 applied = pyflat.tune_allocator()
 mapped_after = mapped_for_a_block()
 print(json.dumps({"mapped_before": mapped_before, "mapped_after": mapped_after,
-                  "faults_after": faults_per_round(), "applied": applied,
+                  "applied": applied,
                   "settings": pyflat.allocator_settings()}))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
-def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_fresh_pages():
+def test_tuned_allocator_serves_large_temporaries_from_its_heap():
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -55,7 +48,8 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_fresh_pages():
     assert result["settings"] == {"mmap_threshold": 1 << 30, "trim_threshold": 2 ** 31 - 1}
     assert result["mapped_before"] >= 64 << 20  # glibc maps it, and unmaps it on free
     assert result["mapped_after"] == 0  # the heap serves it
-    assert result["faults_after"] < 0.01 * (64 << 20) / 4096  # and keeps it once freed
+    # whether freed heap pages then stay resident depends on the heap's history (measured
+    # per product by bench.blocks), so page faults are not asserted here
 
 
 def test_importing_pyflat_leaves_the_allocator_alone():
