@@ -91,7 +91,7 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float,
 def markdown(results: list[dict], report: list[dict], info: dict) -> str:
     lines = ["# pyflat convnet benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
-             f"{allocator_text(info)}, "
+             f"{allocator_text(info['allocator'])}, "
              f"{info['date']}. float32, eval mode.", ""]
     for res in results:
         lines += [f"## {res['title']}, batch {res['batch']} ({res['params']:,} parameters; a "

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     info = machine()
     lines = ["# pyflat whole-data-set benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
-             f"{allocator_text(info)}, {info['date']}. "
+             f"{allocator_text(info['allocator'])}, {info['date']}. "
              f"MLP 64-128-128-10 tanh, float32, batches of {args.batch}.", "",
              "| data | cache | prepare s | top eigenvalue | s (products/s) | trace +- stderr | "
              "s (products/s) |", "|---|---|---|---|---|---|---|"]

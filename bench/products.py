@@ -105,7 +105,7 @@ def bench_model(name: str, batch: int, k: int, min_seconds: float,
 def markdown(results: list[dict], report: list[dict], info: dict, ceiling: float) -> str:
     lines = ["# pyflat products benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
-             f"{allocator_text(info)}, "
+             f"{allocator_text(info['allocator'])}, "
              f"{info['date']}. float32, digits batch {results[0]['batch']}. "
              f"Plain {2048}^3 matmul in this run: {ceiling:.0f} GFLOP/s.", ""]
     for res in results:

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     info = machine()
     lines = ["# pyflat spectral benchmark", "",
              f"torch {info['torch']}, {info['threads']} threads, {info['cpu']}, "
-             f"{allocator_text(info)}, {info['date']}. "
+             f"{allocator_text(info['allocator'])}, {info['date']}. "
              f"MLP {'-'.join(map(str, args.widths))} (tanh, {P:,} parameters) trained "
              f"{args.epochs} Adam steps on {args.samples} digits, float64 Hessian.", "",
              "| task | pyflat s (products) | baseline | baseline s (products) | speed-up | "

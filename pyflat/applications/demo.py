@@ -23,7 +23,7 @@ from ..curvature import Hessian
 from ..linalg import slq
 from .digits import SIZE, load_digits
 from .models import mlp
-from .timing import allocator_text, machine
+from .timing import allocator_text
 from .training import accuracy, train
 from .usage import UsageError, writable_folder
 
@@ -88,7 +88,7 @@ def demo(out: str | Path = "pyflat-demo", *, weight_decays: Sequence[float] = (0
     runs, start = [], time.perf_counter()
     print(f"scikit-learn digits: {len(train_set[1])} train / {len(test_set[1])} test images "
           f"(8x8), float64; full-batch Adam, {steps} steps, seed 0; "
-          f"{allocator_text(machine())}\n")
+          f"{allocator_text(allocator_settings())}\n")
     for key, (title, widths) in models.items():
         rows = []
         for mu in weight_decays:

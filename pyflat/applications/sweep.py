@@ -141,8 +141,8 @@ def markdown(rows: list[dict], info: dict, device) -> str:
     """The rows as sweep.md: one table under a line naming torch, the machine and the date."""
     where = info["gpu"] if device.type == "cuda" else f"{info['threads']} threads, {info['cpu']}"
     lines = ["# pyflat sweep", "",
-             f"torch {info['torch']}, {where}, {allocator_text(info)}, {info['date']}. "
-             "float32"
+             f"torch {info['torch']}, {where}, {allocator_text(info['allocator'])}, "
+             f"{info['date']}. float32"
              + (", TF32 off." if device.type == "cuda" else "."), "",
              "| model | batch | k | product | method | ms / product | products/s | "
              "pyflat speed-up | rel. error |", "|---|---|---|---|---|---|---|---|---|"]

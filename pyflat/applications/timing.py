@@ -125,9 +125,9 @@ def apply_allocator(default_allocator: bool) -> None:
         tune_allocator()
 
 
-def allocator_text(info: dict) -> str:
-    """How the run's allocator was set, for the header of a results table."""
-    settings = info.get("allocator")
+def allocator_text(settings: dict | None) -> str:
+    """How the run's allocator was set (``allocator_settings()``, as ``machine()`` records
+    it), for the header of a results table."""
     if settings is None:
         return "glibc malloc defaults"
     return (f"malloc tuned by pyflat.tune_allocator (mmap threshold "

@@ -10,6 +10,7 @@ A batch operator is the cross-entropy part alone: the L2 term mu I is the front 
 """
 from __future__ import annotations
 
+import abc
 import math
 import warnings
 
@@ -43,9 +44,9 @@ class BatchCurvature(CurvatureOperator):
     backend: str
     engine: str | None
 
+    @abc.abstractmethod
     def prepared_bytes(self) -> int:
         """Memory the prepared batch holds (what a data set's cache budget counts)."""
-        raise NotImplementedError
 
 
 class _FusedBatch(BatchCurvature):
@@ -71,9 +72,9 @@ class _FusedBatch(BatchCurvature):
         return torch.cat([ops.transpose(self._product(ops.transpose(block)))
                           for block in V.split(chunk, dim=1)], dim=1)
 
+    @abc.abstractmethod
     def _product(self, directions: torch.Tensor) -> torch.Tensor:
         """The operator on a (k, P) block of directions (rows), returning (k, P)."""
-        raise NotImplementedError
 
 
 def _parameter_paths(spec: MLPSpec) -> list[str]:

@@ -1,25 +1,10 @@
 """validate: the fused engine against autograd on a user's model and batch."""
 import pytest
 import torch
-from torch import nn
 
 import pyflat
 
-from helpers import make_batch, make_mlp
-
-
-class ResidualMLP(nn.Module):
-    """A skip connection around LayerNorm, which the fused engines do not take."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh())
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.inp(x))
-        return self.out(h + self.block(h))
+from helpers import ResidualMLP, make_batch, make_mlp
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -8,22 +8,7 @@ from torch import nn
 import pyflat
 from pyflat import reference
 
-from helpers import make_batch, make_mlp, num_params, random_block, relative_error
-
-
-class ResidualMLP(nn.Module):
-    """A model with its own forward: a skip connection, and LayerNorm, which the fused
-    engine does not take."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(5, 8)
-        self.block = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.Tanh())
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.inp(x))
-        return self.out(h + self.block(h))
+from helpers import ResidualMLP, make_batch, make_mlp, num_params, random_block, relative_error
 
 
 @pytest.mark.parametrize("operator, ref_fn", [(pyflat.GGN, reference.ggn_matmat),
